@@ -1,0 +1,59 @@
+"""Checkpoints: plain files any torch (and timm) user can read, written atomically, loaded weights-only.
+
+A checkpoint directory holds:
+  model.pt        dense state_dict (masks baked in: W * M) that `timm.create_model(...).load_state_dict` takes
+  train_state.pt  what resuming this stage needs: full model state (mask scores too), optimizer, scheduler
+  meta.json       stage, epoch, metrics
+Ray Train copies the directory into its run storage; `ray.train.get_checkpoint()` hands it back on resume.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oodlab.atomic import atomic_path, write_text
+
+MODEL = "model.pt"
+TRAIN_STATE = "train_state.pt"
+META = "meta.json"
+
+
+def save(directory: Path, model_state: dict[str, torch.Tensor] | None, meta: dict[str, Any],
+         train_state: dict[str, Any] | None = None) -> Path:
+    """Write the files that are given (a stage without a model, like estimate, writes only meta.json)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if model_state is not None:
+        _save_tensor_file(directory / MODEL, model_state)
+    if train_state is not None:
+        _save_tensor_file(directory / TRAIN_STATE, train_state)
+    write_text(directory / META, json.dumps(meta, indent=1, default=float))
+    return directory
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Load a .pt file safely (weights_only=True: tensors and plain containers, no pickled code)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def model_file(path: str | Path) -> Path:
+    """A checkpoint given as a directory or as its model.pt -> the model.pt path (must exist)."""
+    path = Path(path)
+    found = path / MODEL if path.is_dir() else path
+    if not found.is_file():
+        raise FileNotFoundError(f"checkpoint {found} does not exist; a missing checkpoint is an error, never a random init")
+    return found
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / META).read_text())
+
+
+def _save_tensor_file(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)

@@ -1,0 +1,71 @@
+"""One stage = one Ray Train run: config -> TorchTrainer(ScalingConfig, RunConfig) -> fit -> result."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from oodlab.config import Config, RayConfig
+from oodlab.distributed.worker import Job, train_loop_per_worker
+
+
+@dataclass
+class StageResult:
+    checkpoint: str | None  # directory of the stage's last checkpoint
+    metrics: dict[str, float]
+
+
+def ensure_ray(cfg: RayConfig) -> None:
+    """Connect to the configured cluster, or start a local Ray instance sized to this machine."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}})
+
+
+def check_resources(cfg: RayConfig) -> None:
+    """Fail before training if the cluster can never fit the requested workers."""
+    have = ray.cluster_resources()
+    need_cpu = cfg.num_workers * cfg.cpus_per_worker
+    if need_cpu > have.get("CPU", 0):
+        raise ValueError(f"ray: {cfg.num_workers} workers x {cfg.cpus_per_worker} CPUs = {need_cpu} CPUs, but the "
+                         f"cluster has {have.get('CPU', 0)}; lower ray.num_workers or ray.cpus_per_worker")
+    if cfg.use_gpu and cfg.num_workers > have.get("GPU", 0):
+        raise ValueError(f"ray: {cfg.num_workers} GPU workers, but the cluster has {have.get('GPU', 0)} GPUs; "
+                         "lower ray.num_workers or set ray.use_gpu=false")
+
+
+def trainer(cfg: Config, job: Job, callbacks: list[Any] | None = None) -> TorchTrainer:
+    r = cfg.ray
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job.to_dict(),
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
+                                     resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}),
+        run_config=RunConfig(
+            name=f"{cfg.name}.{job.stage}",
+            storage_path=str(r.storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def fit(cfg: Config, job: Job, callbacks: list[Any] | None = None) -> StageResult:
+    """Run one stage on the cluster (resuming from its own last checkpoint if it was interrupted)."""
+    ensure_ray(cfg.ray)
+    check_resources(cfg.ray)
+    result = trainer(cfg, job, callbacks).fit()
+    if result.error is not None:
+        raise result.error
+    path = result.checkpoint.path if result.checkpoint is not None else None
+    return StageResult(checkpoint=str(Path(path)) if path else None, metrics=dict(result.metrics or {}))

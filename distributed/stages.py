@@ -1,0 +1,70 @@
+"""What a train stage is, as data: which parameters train and the loss of a batch.
+
+One worker loop runs every train stage; the stage's config switches the methods on:
+- plain CE (pretrain),
+- `forget`: Unleashing Mask's floor on CE, J = |beta * CE - l_hat| + l_hat (per worker's local batch),
+- `mask`: UMAP's learned score masks (weights frozen unless `train_weights`),
+- `background`: + weight * mean norm of the background positions of the last feature map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oodlab.config import TrainStage
+from oodlab.losses import BackgroundSpec, background_loss, flooded
+from oodlab.masking import attach_masks, mask_scores, set_trainable
+from oodlab.models import FeatureNet
+
+
+@dataclass
+class TrainMethod:
+    stage: TrainStage
+    threshold: float | None  # the resolved forgetting threshold (given or estimated), when `forget` is on
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.stage.forget is not None and self.threshold is None:
+            raise ValueError("a stage with `forget` needs its threshold resolved before training")
+        bg = self.stage.background
+        self.background = None if bg is None else BackgroundSpec(
+            select=bg.select, ratio=bg.ratio, threshold=bg.threshold, topk=bg.topk, norm=bg.norm, margin=bg.margin)
+
+    @property
+    def tag(self) -> str:
+        """Short method name for MLflow tags and tables: ce, um, umap, bg, um+bg, ..."""
+        parts = [name for name, on in (("umap", self.stage.mask), ("um", self.stage.forget and not self.stage.mask),
+                                       ("bg", self.stage.background)) if on]
+        return "+".join(parts) or "ce"
+
+    def prepare(self, net: FeatureNet) -> list[nn.Parameter]:
+        """Attach masks if UMAP, set requires_grad, and return the parameters the optimizer trains."""
+        if self.stage.mask is not None:
+            attach_masks(net.model, self.stage.mask.mask_ratio, torch.Generator().manual_seed(self.seed))
+            set_trainable(net.model, weights=self.stage.mask.train_weights, scores=True)
+        return [p for p in net.parameters() if p.requires_grad]
+
+    def loss(self, logits: torch.Tensor, fmap: torch.Tensor, labels: torch.Tensor, classifier: nn.Linear,
+             epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The batch objective and what to log about it."""
+        ce = F.cross_entropy(logits, labels)
+        stats = {"ce": ce.item()}
+        loss = ce
+        if self.stage.forget is not None:
+            loss = flooded(ce, self.threshold, self.stage.forget.beta)
+        bg = self.stage.background
+        if self.background is not None and epoch >= bg.warmup_epochs:
+            bias = classifier.bias if classifier.bias is not None else torch.zeros_like(classifier.weight[:, 0])
+            term, bg_stats = background_loss(fmap, classifier.weight, bias, labels, self.background)
+            loss = loss + bg.weight * term
+            stats.update({"bg_term": term.item(), **{f"bg_{k}": v for k, v in bg_stats.items()}})
+        return loss, stats
+
+
+def trainable_scores(net: FeatureNet) -> int:
+    """Number of mask-score parameters (0 unless UMAP)."""
+    return sum(p.numel() for p in mask_scores(net.model))

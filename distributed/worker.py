@@ -1,0 +1,245 @@
+"""The Ray Train worker loop: config in, metrics and checkpoints out. One loop for every stage.
+
+`train_loop_per_worker(job)` runs on each worker. The job names the stage, the resolved starting
+checkpoint and forgetting threshold, and the MLflow run that rank 0 logs to.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from oodlab.config import Config, EstimateStage, EvalStage, TrainStage
+from oodlab.datapipes.benchmarks import Benchmark, get_benchmark
+from oodlab.datapipes.loaders import LoaderSpec, build_loader
+from oodlab.distributed import checkpoint, tracking
+from oodlab.distributed.artifacts import log_final_artifacts
+from oodlab.distributed.evaluate import Evaluation, evaluate
+from oodlab.distributed.stages import TrainMethod
+from oodlab.masking import attach_masks, dense_state_dict
+from oodlab.models import FeatureNet, create_model
+
+
+@dataclass
+class Job:
+    """What the driver hands every worker of one stage."""
+
+    config: dict[str, Any]
+    stage: str
+    init: str | None  # model.pt to start from (resolved by the pipeline)
+    threshold: float | None  # resolved forgetting threshold, when the stage floors its loss
+    run_id: str  # MLflow run of this stage
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Worker:
+    """Per-process state: config, rank, device, data loaders, MLflow logger (rank 0)."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.cfg = Config.model_validate(job.config)
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        torch.set_num_threads(max(1, int(self.cfg.ray.cpus_per_worker)))
+        torch.manual_seed(self.cfg.seed)
+        self.bench: Benchmark = get_benchmark(self.cfg.data.benchmark)
+        self.log = tracking.RunLogger(self.cfg.mlflow.tracking_uri, job.run_id) if self.rank == 0 else None
+        self._eval_loaders: dict[str, Any] | None = None
+
+    # -- data --------------------------------------------------------------------------------------
+    def spec(self, split: str, batch_size: int, **kw) -> LoaderSpec:
+        data = self.cfg.data
+        return LoaderSpec(self.bench.path(data.root, split), batch_size, distributed=self.world > 1,
+                          threads=data.loader_threads, os_cache=data.os_cache, device=self.device,
+                          channels_last=self.cfg.model.channels_last, seed=self.cfg.seed, **kw)
+
+    def train_loader(self, augment: bool = True, sequential: bool = False):
+        per_worker = self.cfg.data.batch_size // self.world
+        if sequential:  # every sample exactly once (estimation)
+            return build_loader(self.bench, self.spec("id_train", per_worker, augment=augment))
+        spec = LoaderSpec.for_training(self.bench.path(self.cfg.data.root, "id_train"), per_worker,
+                                       order=self.cfg.data.order, distributed=self.world > 1,
+                                       threads=self.cfg.data.loader_threads, os_cache=self.cfg.data.os_cache,
+                                       device=self.device, channels_last=self.cfg.model.channels_last,
+                                       seed=self.cfg.seed)
+        return build_loader(self.bench, spec)
+
+    def eval_loaders(self) -> dict[str, Any]:
+        """One sequential loader per split, built once per process (FFCV compiles each pipeline)."""
+        if self._eval_loaders is None:
+            per_worker = max(1, self.cfg.data.eval_batch_size // self.world)
+            loaders = {s: build_loader(self.bench, self.spec(s, per_worker)) for s in self.bench.splits if s != "id_train"}
+            n_train = len(build_loader(self.bench, self.spec("id_train", per_worker)).indices)
+            bank = np.linspace(0, n_train - 1, min(n_train, self.cfg.eval.knn_bank_size)).round().astype(int)
+            loaders["id_train"] = build_loader(self.bench, self.spec("id_train", per_worker, indices=tuple(bank.tolist())))
+            self._eval_loaders = loaders
+        return self._eval_loaders
+
+    def evaluate(self, net: FeatureNet, scores: list[str]) -> Evaluation | None:
+        loaders = self.eval_loaders()
+        sizes = {s: len(loader.indices) for s, loader in loaders.items()}
+        return evaluate(net, loaders, sizes, self.bench, scores, self.cfg.eval.params, amp=self.cfg.ray.amp)
+
+    # -- model -------------------------------------------------------------------------------------
+    def model(self) -> FeatureNet:
+        m = self.cfg.model
+        net = FeatureNet(create_model(m.name, self.bench.num_classes, m.pretrained, **m.kwargs))
+        if self.job.init is not None:
+            net.model.load_state_dict(checkpoint.load(Path(self.job.init)))
+        return net
+
+    def place(self, net: FeatureNet) -> FeatureNet:
+        net = net.to(self.device)
+        return net.to(memory_format=torch.channels_last) if self.cfg.model.channels_last else net
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def report(self, metrics: dict[str, float], epoch: int, net: FeatureNet | None = None,
+               train_state: dict | None = None) -> None:
+        """Rank 0 logs to MLflow and writes the checkpoint; every rank calls ray.train.report (a barrier)."""
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        self.log.metrics(metrics, step=epoch)
+        with tempfile.TemporaryDirectory() as tmp:
+            meta = {"stage": self.job.stage, "epoch": epoch, "metrics": metrics}
+            model_state = None if net is None else dense_state_dict(net.model)
+            checkpoint.save(Path(tmp), model_state, meta, train_state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"{self.job.stage}_epoch_{epoch:04d}")
+
+    def say(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"[{self.job.stage}] {text}", flush=True)
+
+
+def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
+    """Ray Train entry point."""
+    worker = Worker(Job(**job_dict))
+    stage = worker.cfg.stages[worker.job.stage]
+    if isinstance(stage, EstimateStage):
+        run_estimate(worker, stage)
+    elif isinstance(stage, EvalStage):
+        run_eval(worker)
+    else:
+        run_train(worker, stage)
+
+
+def run_train(worker: Worker, stage: TrainStage) -> None:
+    cfg = worker.cfg
+    method = TrainMethod(stage, worker.job.threshold, seed=cfg.seed)
+    net = worker.model()
+    params = method.prepare(net)
+    net = worker.place(net)
+    ddp = ray.train.torch.prepare_model(net, move_to_device=False) if worker.world > 1 else net
+    loader = worker.train_loader()
+    steps = len(loader)
+    opt = torch.optim.SGD(params, lr=stage.lr, momentum=stage.momentum, nesterov=stage.nesterov and stage.momentum > 0,
+                          weight_decay=stage.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=stage.epochs * steps)
+    start = 0
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            state = checkpoint.load(Path(d) / checkpoint.TRAIN_STATE)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = int(state["epoch"]) + 1
+        worker.say(f"resumed after epoch {start - 1}")
+    for epoch in range(start, stage.epochs):
+        t0 = time.perf_counter()
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        metrics = train_epoch(ddp, net, loader, opt, sched, method, epoch, worker)
+        last = epoch == stage.epochs - 1
+        evaluation = None
+        if last or (epoch + 1) % stage.eval_every == 0:
+            evaluation = worker.evaluate(net, cfg.eval.final_scores if last else cfg.eval.scores)
+            if evaluation is not None:
+                metrics.update(evaluation.flat())
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        worker.say(progress_line(epoch, stage.epochs, metrics, cfg.eval.select))
+        train_state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                       "epoch": epoch}
+        worker.report(metrics, epoch, net, train_state)
+        if last:
+            log_final_artifacts(worker.log, evaluation, worker.bench, cfg.eval.select, epoch)
+
+
+def train_epoch(ddp: torch.nn.Module, net: FeatureNet, loader, opt, sched, method: TrainMethod, epoch: int,
+                worker: Worker) -> dict[str, float]:
+    ddp.train()
+    totals: dict[str, float] = {}
+    seen = correct = 0
+    for x, y in loader:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.cfg.ray.amp):
+            logits, _, fmap = ddp(x)
+        loss, stats = method.loss(logits.float(), fmap.float(), y, net.classifier, epoch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        stats["loss"] = loss.item()
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + v * len(y)
+        seen += len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+    sums = torch.tensor([seen, correct, *totals.values()], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    seen_all = sums[0].item()
+    out = {f"train/{k}": v / seen_all for k, v in zip(totals, sums[2:].tolist())}
+    out["train/acc"] = 100 * sums[1].item() / seen_all
+    out["lr"] = sched.get_last_lr()[0]
+    return out
+
+
+def progress_line(epoch: int, epochs: int, m: dict[str, float], select: str) -> str:
+    ood = f"{select} fpr95 val {m[f'ood/{select}/val/fpr95']:.1f} all {m[f'ood/{select}/all/fpr95']:.1f}" \
+        if f"ood/{select}/val/fpr95" in m else ""
+    acc = f"id_acc {m['id_acc']:.1f}" if "id_acc" in m else ""
+    return (f"epoch {epoch + 1}/{epochs}  loss {m['train/loss']:.3f}  train_acc {m['train/acc']:.1f}  "
+            f"{acc}  {ood}  ({m['epoch_seconds']:.1f}s)")
+
+
+def run_estimate(worker: Worker, stage: EstimateStage) -> None:
+    """l_hat = mean train CE of the init model under a random mask (eval mode), reduced as sum and count."""
+    net = worker.model()
+    attach_masks(net.model, stage.mask_ratio, torch.Generator().manual_seed(worker.cfg.seed))
+    net = worker.place(net).eval()
+    loader = worker.train_loader(augment=stage.augment, sequential=True)
+    total = len(loader.indices)
+    mine = len(range(worker.rank, total, worker.world))  # the rest of this shard is DistributedSampler padding
+    loss_sum, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in loader:
+            take = min(len(y), mine - count)
+            logits = net(x)[0][:take]
+            loss_sum += F.cross_entropy(logits.float(), y[:take], reduction="sum").item()
+            count += take
+    sums = torch.tensor([loss_sum, count], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    threshold = sums[0].item() / sums[1].item()
+    worker.say(f"forgetting threshold {threshold:.4f} (mask_ratio {stage.mask_ratio}, {int(sums[1].item())} samples)")
+    worker.report({"forget_threshold": threshold, "estimate/samples": sums[1].item()}, epoch=0)
+
+
+def run_eval(worker: Worker) -> None:
+    net = worker.place(worker.model())
+    evaluation = worker.evaluate(net, worker.cfg.eval.final_scores)
+    worker.report(evaluation.flat() if evaluation is not None else {}, epoch=0)
+    log_final_artifacts(worker.log, evaluation, worker.bench, worker.cfg.eval.select, None)

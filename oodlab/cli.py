@@ -1,0 +1,135 @@
+"""The front door: `oodlab demo | train | eval | ui`. The only core module that reaches the upper layers.
+
+Configs are validated here, before Ray starts; Ray, FFCV and MLflow are imported only by the commands
+that need them, so `oodlab --help` and config errors are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from oodlab import config as config_mod
+from oodlab.report import markdown
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except (config_mod.ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"oodlab: error: {err}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="oodlab", description="Train image classifiers that know what they don't know.")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="write the demo data, train baseline / UM / UMAP / background, print the table")
+    demo.add_argument("--config", type=Path, default=CONFIGS / "demo.yaml", help="demo config (default: configs/demo.yaml)")
+    demo.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    demo.add_argument("--restart", action="store_true", help="run every stage again instead of resuming")
+    demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", help="run (or resume) the stages of a config on Ray")
+    train.add_argument("config", type=Path)
+    train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. stages.train.epochs=3")
+    train.add_argument("--restart", action="store_true", help="run every stage again instead of resuming")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="score a checkpoint with every post-hoc score and print the table")
+    ev.add_argument("config", type=Path)
+    ev.add_argument("--checkpoint", required=True, help="a checkpoint directory or its model.pt")
+    ev.add_argument("--scores", help="comma-separated scores (default: eval.final_scores)")
+    ev.add_argument("overrides", nargs="*")
+    ev.set_defaults(func=cmd_eval)
+
+    ui = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 against the configured store")
+    ui.add_argument("config", type=Path, nargs="?", default=CONFIGS / "demo.yaml")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    ui.set_defaults(func=cmd_ui)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config, args.overrides)
+    from oodlab.distributed import pipeline
+
+    state = pipeline.run(cfg, restart=args.restart)
+    print_comparison(cfg, pipeline.results(state))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config, args.overrides)
+    from oodlab.datapipes.demo import ensure_demo_data
+    from oodlab.distributed import pipeline
+
+    written = ensure_demo_data(cfg.data.root, cfg.seed)
+    print(f"demo data: {len(written)} file(s) written under {cfg.data.root / 'demo'}" if written
+          else f"demo data: current files under {cfg.data.root / 'demo'}")
+    state = pipeline.run(cfg, restart=args.restart)
+    print_comparison(cfg, pipeline.results(state))
+    print(f"\nOpen the MLflow UI:  oodlab ui {args.config}   (then http://127.0.0.1:5000)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.scores:
+        overrides.append(f"eval.final_scores=[{args.scores}]")
+    cfg = config_mod.load(args.config, overrides)
+    raw = config_mod.to_dict(cfg)
+    raw["name"] = f"{cfg.name}-eval"
+    raw["stages"] = {"eval": {"kind": "eval", "init": str(args.checkpoint)}}
+    cfg = config_mod.validate(raw, Path.cwd())
+    from oodlab.datapipes.benchmarks import get_benchmark
+    from oodlab.distributed import pipeline
+
+    state = pipeline.run(cfg, restart=True)
+    flat = state.stages["eval"].metrics
+    bench = get_benchmark(cfg.data.benchmark)
+    groups = [*bench.groups, "all", "val"]
+    head = ["score"] + [f"{g} {m}" for g in groups for m in ("fpr95", "auroc")]
+    rows = [[s] + [f"{flat[f'ood/{s}/{g}/{m}']:.2f}" for g in groups for m in ("fpr95", "auroc")]
+            for s in cfg.eval.final_scores]
+    print(f"\nID accuracy {flat['id_acc']:.2f}%  (fpr95: ID positive, lower is better; val = OOD validation split)")
+    print(markdown(head, rows))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config)
+    uri = cfg.mlflow.tracking_uri
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    return subprocess.call(cmd, env=env)
+
+
+def print_comparison(cfg: config_mod.Config, runs: dict[str, dict[str, float]]) -> None:
+    from oodlab.datapipes.benchmarks import get_benchmark
+    from oodlab.report import comparison
+
+    scored = {name: m for name, m in runs.items() if "id_acc" in m}
+    if not scored:
+        return
+    groups = [*get_benchmark(cfg.data.benchmark).groups, "all"]
+    head, rows = comparison(scored, cfg.eval.select, groups)
+    print(f"\nResults ({cfg.eval.select} score; fpr95 = OOD accepted at 95% ID recall, ID positive; percent)")
+    print(markdown(head, rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

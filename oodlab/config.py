@@ -1,0 +1,329 @@
+"""The whole run as one typed config: pydantic v2 models, loaded from YAML plus `key.sub=value` overrides.
+
+Every check happens here, in `load`, before Ray starts: unknown keys, wrong types, impossible values
+and dangling stage references fail with the field path and what is allowed.
+
+A run is an ordered chain of named stages. A `train` stage trains from scratch or from `init` (an
+earlier stage's name or a checkpoint path); its `forget` (UM loss floor), `mask` (UMAP) and
+`background` sections switch the training-time methods on. An `estimate` stage measures the
+forgetting threshold; an `eval` stage scores a checkpoint with every post-hoc score.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from oodlab.scores import available_scores
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class ConfigError(ValueError):
+    """A config problem, with the field path and the fix in the message."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Section):
+    benchmark: str = "demo"  # a name from `oodlab.datapipes.benchmarks`
+    root: Path = Path(".oodlab/data")  # where the benchmark's .beton files are (the demo writes them here)
+    batch_size: PositiveInt = 128  # global: split evenly over the Ray workers
+    eval_batch_size: PositiveInt = 256  # global
+    loader_threads: PositiveInt = 1  # FFCV threads per Ray worker; at most the worker's CPUs
+    os_cache: bool = True  # FFCV: read through the OS page cache (True) or its own process cache
+    order: Literal["random", "quasi_random"] = "random"  # train order; quasi_random is single-process only
+
+
+class ModelConfig(Section):
+    name: str = "resnet18_cifar"  # any timm model name (CIFAR nets registered by oodlab.models)
+    pretrained: bool = False  # timm's pretrained weights (downloads: cluster only)
+    kwargs: dict[str, Any] = {}  # passed to timm.create_model
+    channels_last: bool = False
+
+
+class ForgetConfig(Section):
+    """Unleashing Mask's loss floor: J = |beta * CE - threshold| + threshold."""
+
+    threshold: PositiveFloat | None = None  # the forgetting threshold l_hat, given directly
+    estimate: str | None = None  # or: the name of an earlier `estimate` stage that measured it
+    beta: PositiveFloat = 1.0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ForgetConfig:
+        if (self.threshold is None) == (self.estimate is None):
+            raise ValueError("set exactly one of threshold (a number) or estimate (an estimate stage's name)")
+        return self
+
+
+class MaskConfig(Section):
+    """UMAP: learn a pruning mask (score-based, top-k) instead of (or with) the weights."""
+
+    mask_ratio: Fraction = 0.2  # fraction of weights REMOVED
+    train_weights: bool = False
+
+
+class BackgroundConfig(Section):
+    """Local background features as fake OOD: CE + weight * mean norm of selected positions."""
+
+    weight: PositiveFloat = 0.1
+    select: Literal["lowest", "threshold", "topk"] = "lowest"
+    ratio: Annotated[float, Field(gt=0, le=1)] = 0.5  # `lowest`: fraction of positions per image
+    threshold: Annotated[float, Field(gt=0, lt=1)] = 0.01  # `threshold`: max softmax prob of the label
+    topk: PositiveInt = 1  # `topk`: label not among the top-k classes of the position
+    norm: Literal["l2", "l2sq", "hinge"] = "l2"
+    margin: Annotated[float, Field(ge=0)] = 0.0  # `hinge`
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+
+
+class TrainStage(Section):
+    kind: Literal["train"] = "train"
+    init: str | None = None  # None: from scratch; an earlier stage's name; or a checkpoint file
+    epochs: PositiveInt = 10
+    lr: PositiveFloat = 0.1
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    nesterov: bool = True
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    eval_every: PositiveInt = 1  # evaluate OOD metrics every k epochs (and always after the last)
+    forget: ForgetConfig | None = None
+    mask: MaskConfig | None = None
+    background: BackgroundConfig | None = None
+
+
+class EstimateStage(Section):
+    """Measure the forgetting threshold: mean train CE of the `init` model under a random mask."""
+
+    kind: Literal["estimate"]
+    init: str
+    mask_ratio: Fraction = 0.035
+    augment: bool = True  # train-time augmentation, as the spec measures it
+
+
+class EvalStage(Section):
+    """Score the `init` model with the final score set (cfg.eval.final_scores)."""
+
+    kind: Literal["eval"]
+    init: str
+
+
+Stage = Annotated[Union[TrainStage, EstimateStage, EvalStage], Field(discriminator="kind")]
+
+
+class EvalConfig(Section):
+    scores: list[str] = ["msp", "energy"]  # cheap per-epoch subset
+    final_scores: list[str] = ["msp", "maxlogit", "energy", "odin", "react", "ash", "knn", "mahalanobis", "featnorm"]
+    params: dict[str, dict[str, Any]] = {}  # per-score parameters, e.g. {odin: {temperature: 1000}}
+    knn_bank_size: PositiveInt = 50_000  # ID-train features kept for knn/mahalanobis (evenly subsampled)
+    select: str = "energy"  # the score whose OOD-validation fpr95 marks the best epoch (must be in scores)
+
+    @field_validator("scores", "final_scores", "params")
+    @classmethod
+    def _known_scores(cls, value: list[str] | dict[str, Any]) -> list[str] | dict[str, Any]:
+        unknown = [name for name in value if name not in available_scores()]
+        if unknown:
+            raise ValueError(f"unknown score(s) {unknown}; available: {', '.join(available_scores())}")
+        return value
+
+    @model_validator(mode="after")
+    def _select_is_evaluated(self) -> EvalConfig:
+        if self.select not in self.scores or self.select not in self.final_scores:
+            raise ValueError(f"select: '{self.select}' must be in both scores and final_scores")
+        return self
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: a local Ray instance; "auto" or "ray://host:10001" for a cluster
+    num_workers: PositiveInt = 2
+    cpus_per_worker: PositiveFloat = 1.0
+    use_gpu: bool = False  # NCCL + one GPU per worker (gloo on CPU)
+    amp: bool = False  # bf16 autocast on GPU
+    storage_path: Path = Path(".oodlab/runs")  # checkpoints and Ray's run state (shared storage on a cluster)
+    max_failures: Annotated[int, Field(ge=0)] = 0  # worker-group restarts from the last checkpoint
+
+
+class MlflowConfig(Section):
+    tracking_uri: str = "sqlite:///mlflow.db"  # relative sqlite paths resolve against the working directory
+    experiment: str = "oodlab"
+
+
+class CheckpointConfig(Section):
+    keep_last: PositiveInt | None = None  # None keeps every epoch's checkpoint (the per-epoch OOD curve)
+
+
+class Config(Section):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] = "run"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    eval: EvalConfig = EvalConfig()
+    ray: RayConfig = RayConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    stages: dict[str, Stage] = {"train": TrainStage()}
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _default_kind(cls, stages: Any) -> Any:
+        if isinstance(stages, dict):
+            return {n: {"kind": "train", **s} if isinstance(s, dict) and "kind" not in s else s for n, s in stages.items()}
+        return stages
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if not self.stages:
+            raise ValueError("stages: at least one stage is needed, e.g. stages: {train: {epochs: 10}}")
+        if self.data.batch_size < self.ray.num_workers:
+            raise ValueError(f"data.batch_size ({self.data.batch_size}) must be >= ray.num_workers ({self.ray.num_workers})")
+        if self.data.loader_threads > max(1, int(self.ray.cpus_per_worker)):
+            raise ValueError(
+                f"data.loader_threads ({self.data.loader_threads}) exceeds ray.cpus_per_worker "
+                f"({self.ray.cpus_per_worker}); lower it or give workers more CPUs"
+            )
+        if self.data.order == "quasi_random" and self.ray.num_workers > 1:
+            raise ValueError("data.order: quasi_random is not available with several workers; use random")
+        if self.ray.amp and not self.ray.use_gpu:
+            raise ValueError("ray.amp: bf16 autocast is for GPUs; set ray.use_gpu=true or ray.amp=false")
+        earlier: dict[str, str] = {}
+        for name, stage in self.stages.items():
+            _check_init(name, stage.init, earlier)
+            forget = getattr(stage, "forget", None)
+            if forget is not None and forget.estimate is not None and earlier.get(forget.estimate) != "estimate":
+                known = [n for n, k in earlier.items() if k == "estimate"]
+                raise ValueError(f"stages.{name}.forget.estimate: '{forget.estimate}' is not an earlier estimate stage (earlier: {known})")
+            earlier[name] = stage.kind
+        return self
+
+    def train_stages(self) -> dict[str, TrainStage]:
+        return {n: s for n, s in self.stages.items() if isinstance(s, TrainStage)}
+
+
+def _check_init(name: str, init: str | None, earlier: dict[str, str]) -> None:
+    if init is None or init in earlier and earlier[init] == "train":
+        return
+    if init in earlier:
+        raise ValueError(f"stages.{name}.init: '{init}' is an {earlier[init]} stage; name a train stage or a checkpoint file")
+    if not Path(init).expanduser().is_file():
+        trains = [n for n, k in earlier.items() if k == "train"]
+        raise ValueError(
+            f"stages.{name}.init: '{init}' is neither an earlier train stage ({trains}) nor an existing "
+            "checkpoint file; a missing checkpoint is an error, never a silent random init"
+        )
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    """Make every path absolute: Ray workers and MLflow run in other working directories."""
+    cfg.data.root = (base / cfg.data.root).expanduser().resolve()
+    cfg.ray.storage_path = (base / cfg.ray.storage_path).expanduser().resolve()
+    uri = cfg.mlflow.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        cfg.mlflow.tracking_uri = "sqlite:///" + str((base / uri.removeprefix("sqlite:///")).resolve())
+    for stage in cfg.stages.values():
+        if stage.init and stage.init not in cfg.stages:
+            stage.init = str(Path(stage.init).expanduser().resolve())
+    return cfg
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}': expected key.sub=value, e.g. stages.train.epochs=3")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
+            node = child
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None, base: Path | None = None) -> Config:
+    """Read YAML (or start from defaults), apply overrides, validate, resolve paths against `base` (cwd)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, stages, ...)")
+    return validate(apply_overrides(raw, overrides or []), base or Path.cwd())
+
+
+def validate(raw: dict[str, Any], base: Path) -> Config:
+    """Validate a raw dict into a Config, turning pydantic's errors into one readable ConfigError."""
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError("invalid config:\n" + "\n".join(_describe(e) for e in err.errors())) from None
+    return _resolve_paths(cfg, base)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain, YAML-ready dict (paths as strings)."""
+    return cfg.model_dump(mode="json")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the config as MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+_STAGE_MODELS: dict[str, type[BaseModel]] = {"train": TrainStage, "estimate": EstimateStage, "eval": EvalStage}
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = list(error["loc"])
+    section: type[BaseModel] = Config
+    if loc[:1] == ["stages"] and len(loc) > 2 and loc[2] in _STAGE_MODELS:
+        section = _STAGE_MODELS[loc.pop(2)]  # pydantic puts the stage kind in the path; users never write it
+        inner = loc[2:]
+    else:
+        inner = loc
+    where = ".".join(str(p) for p in loc) or "config"
+    if error["type"] == "extra_forbidden":
+        allowed = list(_section_at(section, inner[:-1]).model_fields)
+        close = difflib.get_close_matches(str(inner[-1]), allowed, n=1)
+        hint = f" did you mean '{close[0]}'?" if close else ""
+        return f"  {where}: unknown key;{hint} allowed keys: {', '.join(allowed)}"
+    if error["type"] == "union_tag_invalid":
+        return f"  {where}: unknown stage kind; allowed: {', '.join(_STAGE_MODELS)}"
+    return f"  {where}: {error['msg']} (got {error.get('input')!r})"
+
+
+def _section_at(model: type[BaseModel], path: list[Any]) -> type[BaseModel]:
+    """The section model reached by following field names from `model`."""
+    for part in path:
+        field = model.model_fields.get(str(part))
+        sub = _section_type(field.annotation) if field else None
+        if sub is None:
+            break
+        model = sub
+    return model
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
