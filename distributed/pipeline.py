@@ -59,13 +59,19 @@ def method_tag(cfg: Config, name: str) -> str:
     return TrainMethod(stage, threshold=0.0).tag if isinstance(stage, TrainStage) else stage.kind
 
 
-def run(cfg: Config, restart: bool = False, launch: Callable[[Config, Job], StageResult] = fit) -> PipelineState:
-    """Run (or resume) every stage; return the final state with each stage's checkpoint and metrics."""
+def run(cfg: Config, restart: bool = False, launch: Callable[[Config, Job], StageResult] = fit,
+        parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> PipelineState:
+    """Run (or resume) every stage; return the final state with each stage's checkpoint and metrics.
+
+    `launch` runs one stage (a sweep passes one that reports to Tune); `parent_run_id` nests this
+    pipeline's MLflow run under another (a sweep's), `tags` are added to it.
+    """
     get_benchmark(cfg.data.benchmark).require(cfg.data.root)
     uri = cfg.mlflow.tracking_uri
     state = PipelineState(state_path(cfg)) if restart else PipelineState.load(state_path(cfg))
     if state.parent_run_id is None:
-        state.parent_run_id = tracking.start_run(uri, cfg.mlflow.experiment, cfg.name, {"oodlab.kind": "pipeline"})
+        state.parent_run_id = tracking.start_run(uri, cfg.mlflow.experiment, cfg.name,
+                                                 {"oodlab.kind": "pipeline", **(tags or {})}, parent_run_id)
         parent = tracking.RunLogger(uri, state.parent_run_id)
         parent.params(flatten(to_dict(cfg)))
         parent.text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")

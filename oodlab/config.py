@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from oodlab.models import check_model_name
 from oodlab.scores import available_scores
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -48,6 +49,12 @@ class ModelConfig(Section):
     pretrained: bool = False  # timm's pretrained weights (downloads: cluster only)
     kwargs: dict[str, Any] = {}  # passed to timm.create_model
     channels_last: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        check_model_name(name)
+        return name
 
 
 class ForgetConfig(Section):
@@ -158,6 +165,55 @@ class CheckpointConfig(Section):
     keep_last: PositiveInt | None = None  # None keeps every epoch's checkpoint (the per-epoch OOD curve)
 
 
+class Dist(Section):
+    """One search dimension: uniform / loguniform / randint over [low, high], or choice / grid over values."""
+
+    dist: Literal["uniform", "loguniform", "randint", "choice", "grid"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Dist:
+        if self.dist in ("choice", "grid"):
+            if not self.values:
+                raise ValueError(f"{self.dist}: give a non-empty `values` list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"{self.dist}: give low < high")
+        elif self.dist == "loguniform" and self.low <= 0:
+            raise ValueError("loguniform: low must be > 0")
+        return self
+
+
+class SearchConfig(Section):
+    """A Ray Tune sweep: each trial runs this config's stages with the sampled overrides.
+
+    The objective may only read OOD-validation metrics (`ood/<score>/val/<metric>`) and ID validation
+    accuracy: test OOD sets never influence which trial wins.
+    """
+
+    space: dict[str, Dist]  # override path (e.g. stages.um.forget.threshold) -> distribution
+    num_samples: PositiveInt = 4
+    searcher: Literal["random", "optuna"] = "random"  # grid dimensions expand in either
+    scheduler: Literal["asha", "fifo"] = "asha"
+    metric: str = "ood/energy/val/fpr95"
+    mode: Literal["min", "max"] = "min"
+    max_id_acc_drop: Annotated[float, Field(ge=0)] | None = None  # percent points of ID val accuracy vs `init`
+    stage: str | None = None  # the stage whose per-epoch results drive ASHA (default: the last train stage)
+    cpus_per_trial_worker: PositiveFloat | None = None  # default: ray.cpus_per_worker
+
+    @field_validator("metric")
+    @classmethod
+    def _validation_only(cls, metric: str) -> str:
+        parts = metric.split("/")
+        if metric != "id_val_acc" and not (len(parts) == 4 and parts[0] == "ood" and parts[2] == "val"):
+            raise ValueError(
+                f"'{metric}' is not a validation metric; use ood/<score>/val/<metric> or id_val_acc "
+                "(tuning on test OOD sets is a leak)"
+            )
+        return metric
+
+
 class Config(Section):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] = "run"
     seed: int = 0
@@ -168,6 +224,7 @@ class Config(Section):
     mlflow: MlflowConfig = MlflowConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     stages: dict[str, Stage] = {"train": TrainStage()}
+    search: SearchConfig | None = None
 
     @field_validator("stages", mode="before")
     @classmethod
@@ -199,6 +256,8 @@ class Config(Section):
                 known = [n for n, k in earlier.items() if k == "estimate"]
                 raise ValueError(f"stages.{name}.forget.estimate: '{forget.estimate}' is not an earlier estimate stage (earlier: {known})")
             earlier[name] = stage.kind
+        if self.search is not None and self.search.stage is not None and self.search.stage not in self.train_stages():
+            raise ValueError(f"search.stage: '{self.search.stage}' is not a train stage ({list(self.train_stages())})")
         return self
 
     def train_stages(self) -> dict[str, TrainStage]:
@@ -305,7 +364,10 @@ def _describe(error: dict[str, Any]) -> str:
         return f"  {where}: unknown key;{hint} allowed keys: {', '.join(allowed)}"
     if error["type"] == "union_tag_invalid":
         return f"  {where}: unknown stage kind; allowed: {', '.join(_STAGE_MODELS)}"
-    return f"  {where}: {error['msg']} (got {error.get('input')!r})"
+    msg = error["msg"].removeprefix("Value error, ").removeprefix(f"{where}: ")
+    got = error.get("input")
+    shown = "" if isinstance(got, (dict, list)) and error["type"] == "value_error" else f" (got {got!r})"
+    return f"  {msg}" if where == "config" else f"  {where}: {msg}{shown}"
 
 
 def _section_at(model: type[BaseModel], path: list[Any]) -> type[BaseModel]:

@@ -1,0 +1,64 @@
+"""Shared fixtures: one real local Ray instance, the real demo betons, a sqlite MLflow store per test.
+
+Ray's session files and MLflow's store live in temp folders; nothing touches the home directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A 2-CPU local Ray instance shared by every test that needs one (starting Ray takes seconds)."""
+    import ray
+
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    os.environ["RAY_TMPDIR"] = ray_tmp
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_tmp,
+             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}})
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """The demo benchmark's real .beton files, written once per test session."""
+    from oodlab.datapipes.demo import ensure_demo_data
+
+    root = tmp_path_factory.mktemp("data")
+    ensure_demo_data(root)
+    return root
+
+
+@pytest.fixture
+def make_config(tmp_path, demo_root):
+    """Build a validated tiny config on the demo data: 2 workers, a sqlite store in tmp_path."""
+    from oodlab import config
+
+    def make(stages: dict, **sections) -> config.Config:
+        raw = {
+            "name": "t",
+            "data": {"benchmark": "demo", "root": str(demo_root), "batch_size": 64, "eval_batch_size": 256},
+            "model": {"name": "resnet_tiny_cifar"},
+            "eval": {"scores": ["msp", "energy"], "final_scores": ["msp", "energy", "featnorm"]},
+            "ray": {"num_workers": 2, "cpus_per_worker": 1, "storage_path": str(tmp_path / "runs")},
+            "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "test"},
+            "stages": stages,
+        }
+        for key, value in sections.items():
+            raw[key] = {**raw.get(key, {}), **value}
+        return config.validate(raw, tmp_path)
+
+    return make
