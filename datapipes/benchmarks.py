@@ -58,7 +58,8 @@ class Benchmark:
             lines = [f"  {self.path(root, s)}  ({self.notes.get(s, 'an image folder of this set')})" for s in missing]
             raise FileNotFoundError(
                 f"data.root: benchmark '{self.name}' is missing {len(missing)} file(s):\n" + "\n".join(lines)
-                + f"\nBuild them with `oodlab data write SOURCE OUT.beton` (or `oodlab demo` for the demo)."
+                + f"\nBuild them with `oodlab data benchmark {self.name} --root YOUR_DATA --out {root}` "
+                "(`oodlab demo` for the demo), or one by one with `oodlab data write SOURCE OUT.beton`."
             )
 
 

@@ -1,35 +1,60 @@
-"""FFCV loaders for a benchmark's splits: a train pipeline and an eval pipeline, CPU or GPU.
+"""Loaders for a benchmark's splits: FFCV for .beton files, a plain torch DataLoader for anything else.
 
-On CPU, NormalizeImage runs in numba before ToTensor (after it, FFCV 1.0.2's Loader spins forever;
-see the platform notes). On GPU, uint8 images travel to the device and are normalised there, as in
-the ffcv-imagenet recipe. With `distributed=True` each Ray Train worker reads its own shard: rank r
-gets samples r, r + world, ... (FFCV emulates DistributedSampler, padding the last round).
+Both yield `(images, labels)`: images float32 NCHW (channels-last memory if asked), normalised with the
+benchmark's mean/std; labels int64 (-1 for OOD sets); on `spec.device`. Both expose `indices` (every
+sample id of the file before sharding), `len(loader)` (batches per epoch on this worker) and a fresh
+epoch on every `iter()`.
+
+Pipelines. Train: random-resized crop (ImageNet) or pad-4 random crop (CIFAR), horizontal flip.
+Eval: center crop of `eval_crop_ratio` of the shorter side, resized to the ID resolution (ImageNet:
+224/256, i.e. Resize 256 + CenterCrop 224; CIFAR: the whole 32x32 image). Normalisation is a numba
+lookup table before ToTensor on every device: after ToTensor FFCV 1.0.2's Loader spins forever on CPU
+(platform notes), and FFCV's GPU NormalizeImage needs cupy. A GPU receives normalised float32.
+
+Order and sharding. `order` is sequential, random (a permutation per epoch from `seed + epoch`) or
+quasi_random (FFCV only; not with distributed). With `distributed=True` each Ray Train worker reads
+the shard torch's DistributedSampler gives its rank: rank r gets positions r, r + world, ... of the
+(per-epoch shuffled) order, padded by repeating the first samples so every rank has ceil(N / world).
+Evaluation (drop_last=False) therefore sees every sample once plus that padding: a rank keeps its
+first len(range(rank, N, world)) samples to drop it. Training (drop_last=True) gives every rank the
+same number of full batches (so DDP ranks step together); per epoch each rank drops the last
+ceil(N / world) % batch_size samples of its shard, different ones every epoch as the order reshuffles.
+
+Threads. FFCV's `num_workers` is a thread count: it sets numba's (and torch's intra-op) thread count
+in the process. `spec.threads` is capped by `cpu_budget()`: the CPUs Ray assigned to this worker when
+running inside Ray (fractional CPUs count as 1), else the process's CPU affinity, and numba's pool size.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, RandomTranslate, Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from oodlab.datapipes.benchmarks import Benchmark
 
-
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM, "sequential": OrderOption.SEQUENTIAL}
+PAD = 4  # pad-crop translation for CIFAR-style training
+RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 
 
 @dataclass(frozen=True)
 class LoaderSpec:
-    """How to read one split; `batch_size` is per worker.
+    """How to read one split; `batch_size` is per worker (the global batch divided by the world size).
 
-    Training: augment=True, order random, drop_last=True. Evaluation (the default): center crop,
-    sequential, every sample once (plus DistributedSampler's padding of the last round).
+    `path`: a .beton (FFCV) or any source `open_source` reads (torch fallback; `ood=True` reads it as an
+    unlabeled OOD set). Training: augment=True, order random, drop_last=True. Evaluation (the default):
+    center crop, sequential, every sample once (plus DistributedSampler's padding of the last round).
     """
 
     path: Path
@@ -38,26 +63,46 @@ class LoaderSpec:
     order: str = "sequential"  # random | quasi_random | sequential
     drop_last: bool = False
     distributed: bool = False
-    threads: int = 1
-    os_cache: bool = True
+    threads: int = 1  # FFCV: numba threads (capped by cpu_budget()); fallback: DataLoader worker processes
+    os_cache: bool = True  # FFCV: read through the OS page cache (mmap) instead of FFCV's own process cache
     device: torch.device = torch.device("cpu")
     channels_last: bool = False
     seed: int = 0
     indices: tuple[int, ...] | None = None  # read only these samples
+    ood: bool = False  # torch fallback only: labels -1, flat image folders allowed
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        object.__setattr__(self, "device", torch.device(self.device))
+        if self.order not in ORDERS:
+            raise ValueError(f"order: {self.order!r}; use one of {', '.join(ORDERS)}")
+        if self.order == "quasi_random" and self.distributed:
+            raise ValueError("order: quasi_random is not available with distributed=True (FFCV); use random")
+        if self.batch_size < 1 or self.threads < 1:
+            raise ValueError(f"batch_size ({self.batch_size}) and threads ({self.threads}) must be at least 1")
 
     @classmethod
     def for_training(cls, path: Path, batch_size: int, order: str = "random", **kw) -> LoaderSpec:
         return cls(path, batch_size, augment=True, order=order, drop_last=True, **kw)
 
+    @property
+    def is_beton(self) -> bool:
+        return self.path.suffix == ".beton"
 
-def build_loader(bench: Benchmark, spec: LoaderSpec) -> Loader:
-    """An FFCV Loader yielding (images float32 NCHW normalised, labels int64) on `spec.device`."""
+
+def build_loader(bench: Benchmark, spec: LoaderSpec):
+    """FFCV Loader for a .beton, else the torch DataLoader fallback over `open_source(spec.path)`."""
+    if not spec.is_beton:
+        from oodlab.datapipes.sources import open_source
+        from oodlab.datapipes.torch_loader import TorchLoader
+
+        return TorchLoader(bench, spec, open_source(spec.path, ood=spec.ood))
     if not spec.path.is_file():
-        raise FileNotFoundError(f"{spec.path}: no such .beton; see `oodlab data write`")
+        raise FileNotFoundError(f"{spec.path}: no such .beton; see `oodlab data write` / `oodlab data benchmark`")
     return Loader(
         str(spec.path),
         batch_size=spec.batch_size,
-        num_workers=spec.threads,
+        num_workers=cpu_budget(spec.threads),
         order=ORDERS[spec.order],
         os_cache=spec.os_cache,
         drop_last=spec.drop_last,
@@ -69,21 +114,41 @@ def build_loader(bench: Benchmark, spec: LoaderSpec) -> Loader:
     )
 
 
+def cpu_budget(requested: int) -> int:
+    """`requested` threads, capped by this process's CPUs (Ray's assignment inside a Ray worker) and numba's pool."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ray = sys.modules.get("ray")  # only a process that imported Ray can be a Ray worker
+    if ray is not None and ray.is_initialized():
+        assigned = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if assigned:
+            cpus = min(cpus, max(1, math.floor(assigned)))
+    return max(1, min(requested, cpus, numba.config.NUMBA_NUM_THREADS))
+
+
+def pixel_stats(bench: Benchmark) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std on the 0..255 pixel scale, float64 (what NormalizeImage and the fallback both use)."""
+    return np.array(bench.mean) * 255, np.array(bench.std) * 255
+
+
+def normalize_table(bench: Benchmark) -> np.ndarray:
+    """(256, 3) float32 lookup table uint8 -> normalised value, computed exactly as FFCV's NormalizeImage."""
+    mean, std = pixel_stats(bench)
+    return ((np.arange(256)[:, None] - mean[None, :]) / std[None, :]).astype(np.float32)
+
+
 def image_pipeline(bench: Benchmark, spec: LoaderSpec) -> list:
-    size = bench.image_size
+    size = (bench.image_size, bench.image_size)
     if not spec.augment:
-        decode = [CenterCropRGBImageDecoder((size, size), ratio=bench.eval_crop_ratio)]
+        decode = [CenterCropRGBImageDecoder(size, ratio=bench.eval_crop_ratio)]
     elif bench.train_crop == "rrc":
-        decode = [RandomResizedCropRGBImageDecoder((size, size)), RandomHorizontalFlip()]
-    else:
-        decode = [SimpleRGBImageDecoder(), RandomHorizontalFlip(), RandomTranslate(padding=4)]
-    mean, std = np.array(bench.mean) * 255, np.array(bench.std) * 255
-    if spec.device.type == "cuda":
-        return [*decode, ToTensor(), ToDevice(spec.device, non_blocking=True),
-                ToTorchImage(channels_last=spec.channels_last), NormalizeImage(mean, std, np.float32)]
-    return [*decode, NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage(channels_last=spec.channels_last)]
+        decode = [RandomResizedCropRGBImageDecoder(size, scale=RRC_SCALE, ratio=RRC_RATIO), RandomHorizontalFlip()]
+    else:  # any stored size is first brought to the ID resolution (identity for 32x32 CIFAR)
+        decode = [CenterCropRGBImageDecoder(size, ratio=1.0), RandomHorizontalFlip(), RandomTranslate(padding=PAD)]
+    mean, std = pixel_stats(bench)
+    ops = [*decode, NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage(channels_last=spec.channels_last)]
+    return [*ops, ToDevice(spec.device, non_blocking=True)] if spec.device.type == "cuda" else ops
 
 
 def label_pipeline(spec: LoaderSpec) -> list:
-    ops = [IntDecoder(), ToTensor(), Squeeze()]
+    ops = [IntDecoder(), ToTensor(), Squeeze(1)]  # (B, 1) -> (B,), also for a last batch of 1
     return [*ops, ToDevice(spec.device, non_blocking=True)] if spec.device.type == "cuda" else ops

@@ -34,8 +34,9 @@ def save(directory: Path, model_state: dict[str, torch.Tensor] | None, meta: dic
     return directory
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(path: str | Path) -> dict[str, Any]:
     """Load a .pt file safely (weights_only=True: tensors and plain containers, no pickled code)."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -56,7 +56,8 @@ def local_outputs(net: FeatureNet, batches: Batches, amp: bool = False) -> Outpu
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
         for x, y in batches:
             logits, pooled, fmap = net(x)
-            parts.append(Outputs(logits.float(), pooled.float(), fmap.float().norm(dim=1).mean(dim=(1, 2)), y))
+            # clone: FFCV reuses its batch buffers, so a kept reference would be overwritten later
+            parts.append(Outputs(logits.float(), pooled.float(), fmap.float().norm(dim=1).mean(dim=(1, 2)), y.clone()))
     return Outputs.cat(parts)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,12 @@ def check_resources(cfg: RayConfig) -> None:
                          "lower ray.num_workers or set ray.use_gpu=false")
 
 
-def trainer(cfg: Config, job: Job, callbacks: list[Any] | None = None) -> TorchTrainer:
+def trainer(cfg: Config, job: Job, callbacks: list[Any] | None = None,
+            loop: Callable[[dict[str, Any]], None] = train_loop_per_worker) -> TorchTrainer:
+    """`loop` wraps the worker loop where a caller must act on the workers first (tuning notes their placement group)."""
     r = cfg.ray
     return TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config=job.to_dict(),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
@@ -61,11 +64,12 @@ def trainer(cfg: Config, job: Job, callbacks: list[Any] | None = None) -> TorchT
     )
 
 
-def fit(cfg: Config, job: Job, callbacks: list[Any] | None = None) -> StageResult:
+def fit(cfg: Config, job: Job, callbacks: list[Any] | None = None,
+        loop: Callable[[dict[str, Any]], None] = train_loop_per_worker) -> StageResult:
     """Run one stage on the cluster (resuming from its own last checkpoint if it was interrupted)."""
     ensure_ray(cfg.ray)
     check_resources(cfg.ray)
-    result = trainer(cfg, job, callbacks).fit()
+    result = trainer(cfg, job, callbacks, loop).fit()
     if result.error is not None:
         raise result.error
     path = result.checkpoint.path if result.checkpoint is not None else None

@@ -6,6 +6,7 @@ checkpoint and forgetting threshold, and the MLflow run that rank 0 logs to.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from oodlab.distributed.evaluate import Evaluation, evaluate
 from oodlab.distributed.stages import TrainMethod
 from oodlab.masking import attach_masks, dense_state_dict
 from oodlab.models import FeatureNet, create_model
+
+log = logging.getLogger("oodlab")
 
 
 @dataclass
@@ -121,8 +124,9 @@ class Worker:
                              checkpoint_dir_name=f"{self.job.stage}_epoch_{epoch:04d}")
 
     def say(self, text: str) -> None:
+        """A progress line from rank 0 (through logging: Ray Train tees print() into its logs twice)."""
         if self.rank == 0:
-            print(f"[{self.job.stage}] {text}", flush=True)
+            log.info("[%s] %s", self.job.stage, text)
 
 
 def train_loop_per_worker(job_dict: dict[str, Any]) -> None:

@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     ui.set_defaults(func=cmd_ui)
+    add_data_commands(sub)
     return parser
 
 
@@ -129,6 +130,86 @@ def print_comparison(cfg: config_mod.Config, runs: dict[str, dict[str, float]]) 
     head, rows = comparison(scored, cfg.eval.select, groups)
     print(f"\nResults ({cfg.eval.select} score; fpr95 = OOD accepted at 95% ID recall, ID positive; percent)")
     print(markdown(head, rows))
+
+
+def add_data_commands(sub: argparse._SubParsersAction) -> None:
+    """`oodlab data write | inspect | benchmark`: the user's data -> checked .beton files (logic: oodlab.datapipes)."""
+    data = sub.add_parser("data", help="write, inspect and build .beton files from your own data")
+    data.set_defaults(func=lambda _: data.print_help() or 2)
+    cmds = data.add_subparsers(title="data commands", metavar="COMMAND")
+
+    write = cmds.add_parser("write", help="write one source to a .beton (atomic; a bad image stops it, named)")
+    write.add_argument("source", type=Path, help="image folder, image list .txt, CIFAR pickles folder, SVHN .mat or .npz")
+    write.add_argument("out", type=Path, help="the .beton to write")
+    write.add_argument("--ood", action="store_true", help="label every image -1 (an OOD set; flat folders allowed)")
+    write.add_argument("--square", type=int, metavar="SIZE", help="Resize SIZE + CenterCrop SIZE first (32 for CIFAR OOD sets)")
+    write.add_argument("--split", choices=["train", "test"], help="CIFAR pickles: which split (default train)")
+    _add_write_options(write)
+    write.set_defaults(func=cmd_data_write)
+
+    inspect = cmds.add_parser("inspect", help="fields, count, label histogram and image sizes of a .beton")
+    inspect.add_argument("file", type=Path)
+    inspect.add_argument("--verify", action="store_true", help="also decode every image through an FFCV Loader")
+    inspect.add_argument("--threads", type=int, default=1, help="decoding threads for --verify (default 1)")
+    inspect.set_defaults(func=cmd_data_inspect)
+
+    build = cmds.add_parser("benchmark", help="build every .beton of a named benchmark from your folders")
+    build.add_argument("name", help="cifar10, cifar100 or imagenet1k (the demo is built by `oodlab demo`)")
+    build.add_argument("--root", type=Path, required=True, help="folder holding the data sets (layout: see the error)")
+    build.add_argument("--out", type=Path, required=True, help="data root to write OUT/NAME/<split>.beton under")
+    build.add_argument("--force", action="store_true", help="rewrite files that are already current")
+    _add_write_options(build)
+    build.set_defaults(func=cmd_data_benchmark)
+
+
+def _add_write_options(parser: argparse.ArgumentParser) -> None:
+    """FFCV RGBImageField options as in the ffcv-imagenet recipe; unset ones keep the default of the command."""
+    parser.add_argument("--write-mode", choices=["raw", "jpg", "smart", "proportion"])
+    parser.add_argument("--max-resolution", type=int, help="shrink images so the longest side is at most this")
+    parser.add_argument("--jpeg-quality", type=int, help="JPEG quality 1..100 (default 90)")
+    parser.add_argument("--compress-probability", type=float, help="write-mode proportion: fraction stored as JPEG")
+    parser.add_argument("--workers", type=int, default=1, help="writer processes (default 1)")
+    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images (counted, listed in the manifest)")
+
+
+def _image_options(args: argparse.Namespace, base):
+    """`base` (an ImageOptions) with the options given on the command line."""
+    from dataclasses import replace
+
+    names = ("write_mode", "max_resolution", "jpeg_quality", "compress_probability")
+    return replace(base, **{k: getattr(args, k) for k in names if getattr(args, k) is not None})
+
+
+def cmd_data_write(args: argparse.Namespace) -> int:
+    import time
+
+    from oodlab.datapipes import beton, prepare
+
+    source = prepare.open_for_write(args.source, ood=args.ood, square=args.square, split=args.split)
+    print(source.describe(), flush=True)
+    start = time.perf_counter()
+    beton.write(source, args.out, _image_options(args, beton.ImageOptions()), args.workers, skip_bad=args.skip_bad)
+    seconds = time.perf_counter() - start
+    info = beton.read_info(args.out)
+    print(f"{info.describe()}\nwrote {info.count} images in {seconds:.1f} s ({info.count / seconds:.0f} images/s)")
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from oodlab.datapipes import beton, verify
+
+    info = verify.verify(args.file, threads=args.threads) if args.verify else beton.read_info(args.file)
+    print(info.describe() + (f"\nverified: all {info.count} images decode" if args.verify else ""))
+    return 0
+
+
+def cmd_data_benchmark(args: argparse.Namespace) -> int:
+    from oodlab.datapipes import prepare
+
+    options = _image_options(args, prepare.default_options(args.name))
+    written = prepare.build(args.name, args.root, args.out, options, args.workers, args.skip_bad, args.force, log=print)
+    print(f"{len(written)} file(s) written under {args.out / args.name}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ forgetting threshold; an `eval` stage scores a checkpoint with every post-hoc sc
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -166,7 +167,8 @@ class CheckpointConfig(Section):
 
 
 class Dist(Section):
-    """One search dimension: uniform / loguniform / randint over [low, high], or choice / grid over values."""
+    """One search dimension: uniform / loguniform over [low, high], randint over the integers low..high
+    (both included), or choice (sampled) / grid (every value, crossed with num_samples) over `values`."""
 
     dist: Literal["uniform", "loguniform", "randint", "choice", "grid"]
     low: float | None = None
@@ -177,11 +179,13 @@ class Dist(Section):
     def _bounds(self) -> Dist:
         if self.dist in ("choice", "grid"):
             if not self.values:
-                raise ValueError(f"{self.dist}: give a non-empty `values` list")
+                raise ValueError(f"values: {self.dist} needs a non-empty list")
         elif self.low is None or self.high is None or not self.low < self.high:
-            raise ValueError(f"{self.dist}: give low < high")
+            raise ValueError(f"high: {self.dist} needs low < high")
         elif self.dist == "loguniform" and self.low <= 0:
-            raise ValueError("loguniform: low must be > 0")
+            raise ValueError("low: loguniform needs low > 0")
+        elif self.dist == "randint" and not (self.low.is_integer() and self.high.is_integer()):
+            raise ValueError("randint: low and high must be whole numbers")
         return self
 
 
@@ -194,7 +198,7 @@ class SearchConfig(Section):
 
     space: dict[str, Dist]  # override path (e.g. stages.um.forget.threshold) -> distribution
     num_samples: PositiveInt = 4
-    searcher: Literal["random", "optuna"] = "random"  # grid dimensions expand in either
+    searcher: Literal["random", "optuna"] = "random"  # random also expands grid dimensions; optuna (TPE) takes none
     scheduler: Literal["asha", "fifo"] = "asha"
     metric: str = "ood/energy/val/fpr95"
     mode: Literal["min", "max"] = "min"
@@ -212,6 +216,13 @@ class SearchConfig(Section):
                 "(tuning on test OOD sets is a leak)"
             )
         return metric
+
+    @model_validator(mode="after")
+    def _grid_needs_random(self) -> SearchConfig:
+        grids = [key for key, d in self.space.items() if d.dist == "grid"]
+        if grids and self.searcher == "optuna":
+            raise ValueError(f"space: grid dimensions {grids} need searcher: random; with optuna use dist: choice")
+        return self
 
 
 class Config(Section):
@@ -365,6 +376,9 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "union_tag_invalid":
         return f"  {where}: unknown stage kind; allowed: {', '.join(_STAGE_MODELS)}"
     msg = error["msg"].removeprefix("Value error, ").removeprefix(f"{where}: ")
+    field, sep, rest = msg.partition(": ")
+    if sep and where != "config" and re.fullmatch(r"[A-Za-z_][\w.]*", field):  # a section's check naming its field
+        where, msg = f"{where}.{field}", rest
     got = error.get("input")
     shown = "" if isinstance(got, (dict, list)) and error["type"] == "value_error" else f" (got {got!r})"
     return f"  {msg}" if where == "config" else f"  {where}: {msg}{shown}"

@@ -1,0 +1,63 @@
+"""Views of an ImageSource: a subset of its samples, its images resized to a square, a held-out split."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+from oodlab.datapipes.sources import ImageSource
+
+
+class SubsetSource(ImageSource):
+    """The samples `indices` of `inner`, in that order."""
+
+    def __init__(self, inner: ImageSource, indices: np.ndarray, name: str):
+        self.inner, self.indices = inner, np.asarray(indices, dtype=np.int64)
+        super().__init__(name, inner.classes, inner.labels[self.indices], inner.skipped)
+
+    def load(self, index: int) -> np.ndarray:
+        return self.inner.load(int(self.indices[index]))
+
+
+class SquareSource(ImageSource):
+    """`inner`'s images resized so the shorter side is `size` (bilinear, antialiased), center-cropped to size x size.
+
+    This is the OpenOOD/torchvision `Resize(size) + CenterCrop(size)` that brings OOD sets to the ID
+    resolution; images already size x size pass through untouched (CIFAR, SVHN stay exact).
+    """
+
+    def __init__(self, inner: ImageSource, size: int):
+        self.inner, self.size = inner, size
+        super().__init__(inner.name, inner.classes, inner.labels, inner.skipped)
+
+    def load(self, index: int) -> np.ndarray:
+        return square(self.inner.load(index), self.size)
+
+
+def square(image: np.ndarray, size: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    scale = size / min(h, w)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return np.ascontiguousarray(resized[top : top + size, left : left + size])
+
+
+def held_out_split(labels: np.ndarray, fraction: float, cap_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train, val) index arrays: per class min(cap, ceil(fraction * count)) samples go to val.
+
+    Deterministic for a given seed and label array; both index arrays are sorted.
+    """
+    rng = np.random.default_rng(seed)
+    val = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        take = min(cap_per_class, math.ceil(fraction * len(members)))
+        val.append(rng.permutation(members)[:take])
+    val_idx = np.sort(np.concatenate(val)) if val else np.array([], dtype=np.int64)
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return train_idx, val_idx

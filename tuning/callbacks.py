@@ -1,0 +1,65 @@
+"""Tune callbacks on the sweep driver: a live status line per trial event, and cleanup of ended trials."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.tune import Callback
+
+from oodlab.distributed import pipeline, tracking
+from oodlab.tuning.space import overrides
+from oodlab.tuning.trial import release_placement_groups, trial_config
+
+
+class StatusLine(Callback):
+    """One printed line per epoch result, per finished or early-stopped trial, per failure."""
+
+    def __init__(self, metric: str, epochs_key: str, default_epochs: int, total: int):
+        self.metric, self.epochs_key, self.default_epochs, self.total = metric, epochs_key, default_epochs, total
+
+    def planned(self, config: dict[str, Any]) -> int:
+        return int(config.get(self.epochs_key, self.default_epochs))
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict[str, Any], **info) -> None:
+        print(f"[sweep] {trial.trial_id} epoch {result['training_iteration']}/{self.planned(trial.config)}  "
+              f"objective {result['objective']:.2f}  {self.metric} {result[self.metric]:.2f}  "
+              f"id_val_acc {result['id_val_acc']:.2f}  | {' '.join(overrides(trial.config))}", flush=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        last = trial.last_result or {}
+        done, planned = last.get("training_iteration", 0), self.planned(trial.config)
+        how = f"finished {planned} epochs" if done >= planned else f"stopped early by the scheduler after {done}/{planned} epochs"
+        value = f", objective {last['objective']:.2f}" if "objective" in last else ""
+        print(f"[sweep] {trial.trial_id} {how}{value}  ({self.ended(trials, trial)}/{self.total} trials ended)", flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        print(f"[sweep] {trial.trial_id} FAILED; its error is in {trial.path}  ({self.ended(trials, trial)}/{self.total} "
+              "trials ended)", flush=True)
+
+    @staticmethod
+    def ended(trials: list, trial) -> int:
+        return 1 + sum(t.is_finished() for t in trials if t is not trial)
+
+
+class TrialCleanup(Callback):
+    """When a trial ends, close what a killed one leaves open: its worker placement group and MLflow runs."""
+
+    def __init__(self, raw: dict[str, Any]):
+        self.raw = raw
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        close_trial(self.raw, trial.config, trial.trial_id, "KILLED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        close_trial(self.raw, trial.config, trial.trial_id, "FAILED")
+
+
+def close_trial(raw: dict[str, Any], params: dict[str, Any], trial_id: str, status: str) -> None:
+    """Release a trial's leftover placement groups; end its still-open MLflow runs with `status`."""
+    cfg = trial_config(raw, params, trial_id)
+    release_placement_groups(cfg)
+    state = pipeline.PipelineState.load(pipeline.state_path(cfg))
+    uri = cfg.mlflow.tracking_uri
+    for run_id in [r.run_id for r in state.stages.values()] + ([state.parent_run_id] if state.parent_run_id else []):
+        if tracking.client(uri).get_run(run_id).info.status == "RUNNING":
+            tracking.end_run(uri, run_id, status)

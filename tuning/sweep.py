@@ -1,0 +1,202 @@
+"""`oodlab tune`: a Ray Tune sweep whose trials each run the config's stages as multi-worker Ray Train runs.
+
+Ray Train V2 pattern: the Tuner runs a function trainable per trial (`trial.run_trial`) that applies the
+sampled overrides and runs the pipeline; the tuned stage's epoch results reach Tune through
+`objective.ValidationReport`, validation metrics only. Searchers: random (grid dimensions expand) or
+Optuna TPE; scheduler: ASHA on the tuned stage's epochs, or FIFO. `max_concurrent_trials` comes from the
+cluster's resources (`resources.py`).
+
+Everything lives under `<ray.storage_path>/<name>/sweep/`:
+  sweep.json  the sweep's MLflow parent run and its config (a rerun must use the same config)
+  tune/       Tune's experiment: rerunning `oodlab tune` restores it, so ended trials are not rerun
+  trials/     each trial's pipeline state and Train runs (an interrupted trial resumes its stage there)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm
+from ray.tune.search.optuna import OptunaSearch
+
+from oodlab.atomic import write_text
+from oodlab.config import Config, ConfigError, flatten, to_dict
+from oodlab.datapipes.benchmarks import get_benchmark
+from oodlab.distributed import pipeline, tracking
+from oodlab.distributed.launch import ensure_ray
+from oodlab.tuning import summary
+from oodlab.tuning.callbacks import StatusLine, TrialCleanup, close_trial
+from oodlab.tuning.objective import check_objective, tuned_stage
+from oodlab.tuning.resources import TRIAL_DRIVER_CPUS, max_concurrent_trials, worker_cpus
+from oodlab.tuning.space import check_space, expected_trials, to_tune
+from oodlab.tuning.trial import TrialSetup, run_trial, trial_config
+
+ASHA_REDUCTION_FACTOR = 2  # sweeps here are small: halve at each rung
+
+
+@dataclass
+class SweepState:
+    parent_run_id: str
+    config: dict[str, Any]
+
+
+def sweep_folder(cfg: Config) -> Path:
+    return cfg.ray.storage_path / cfg.name / "sweep"
+
+
+def trial_base(cfg: Config) -> dict[str, Any]:
+    """The config trials start from: trial worker CPUs, Train runs and pipeline states in the trials folder."""
+    raw = to_dict(cfg)
+    raw["ray"] |= {"storage_path": str(sweep_folder(cfg) / "trials"), "cpus_per_worker": worker_cpus(cfg)}
+    return raw
+
+
+def run(cfg: Config, restart: bool = False) -> summary.SweepResult:
+    """Run (or resume) the sweep; return every trial's row and the best trial with its final metrics."""
+    if cfg.search is None:
+        raise ConfigError("search: this config has no search section; add one (see configs/demo_sweep.yaml)")
+    base = trial_base(cfg)
+    check_space(cfg, base)
+    check_objective(cfg)
+    get_benchmark(cfg.data.benchmark).require(cfg.data.root)
+    ensure_ray(cfg.ray)
+    concurrency = max_concurrent_trials(ray.cluster_resources(), cfg)
+    state = open_state(cfg, restart, concurrency)
+    results = tuner(cfg, base, state, concurrency).fit()
+    return finish(cfg, base, state, results)
+
+
+def open_state(cfg: Config, restart: bool, concurrency: int) -> SweepState:
+    """The sweep's parent MLflow run: reused when resuming, created (with the config) when starting."""
+    folder, uri = sweep_folder(cfg), cfg.mlflow.tracking_uri
+    path = folder / "sweep.json"
+    if restart and folder.exists():
+        retire(cfg, folder)
+    if path.is_file():
+        state = SweepState(**json.loads(path.read_text()))
+        now, then = flatten(to_dict(cfg)), flatten(state.config)
+        changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+        if changed:
+            raise ConfigError(f"sweep '{cfg.name}' was started with another config (differs in: {', '.join(changed)}); "
+                              "rerun with --restart, or give it another name")
+        return state
+    run_id = tracking.start_run(uri, cfg.mlflow.experiment, cfg.name, {"oodlab.kind": "sweep", "oodlab.sweep": cfg.name})
+    logger = tracking.RunLogger(uri, run_id)
+    logger.params(flatten(to_dict(cfg)) | {"sweep.max_concurrent_trials": concurrency,
+                                            "sweep.trial_driver_cpus": TRIAL_DRIVER_CPUS})
+    logger.text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
+    state = SweepState(run_id, to_dict(cfg))
+    write_text(path, json.dumps(asdict(state), indent=1))
+    return state
+
+
+def retire(cfg: Config, folder: Path) -> None:
+    """--restart: move the old sweep aside (nothing is deleted) and close its MLflow run if still open."""
+    old = folder / "sweep.json"
+    if old.is_file():
+        run_id = json.loads(old.read_text())["parent_run_id"]
+        if tracking.client(cfg.mlflow.tracking_uri).get_run(run_id).info.status == "RUNNING":
+            tracking.end_run(cfg.mlflow.tracking_uri, run_id, "KILLED")
+    aside = folder.with_name(f"sweep.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.move(folder, aside)
+    print(f"[sweep] --restart: the previous sweep moved to {aside}", flush=True)
+
+
+def tuner(cfg: Config, base: dict[str, Any], state: SweepState, concurrency: int) -> tune.Tuner:
+    """Restore the sweep's Tuner if it ran before, else build it."""
+    search = cfg.search
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=TrialSetup(base, state.parent_run_id)),
+                                    {"CPU": TRIAL_DRIVER_CPUS})
+    experiment = str(sweep_folder(cfg) / "tune")
+    if tune.Tuner.can_restore(experiment):
+        print(f"[sweep] resuming {experiment}", flush=True)
+        return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+    stage = tuned_stage(cfg)
+    status = StatusLine(search.metric, f"stages.{stage}.epochs", cfg.stages[stage].epochs, expected_trials(search))
+    return tune.Tuner(
+        trainable,
+        param_space=to_tune(search.space),
+        tune_config=tune.TuneConfig(metric="objective", mode=search.mode, num_samples=search.num_samples,
+                                    search_alg=searcher(cfg, concurrency), scheduler=scheduler(cfg),
+                                    reuse_actors=False, trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_folder(cfg)), verbose=0,
+                                  callbacks=[status, TrialCleanup(base)]),
+    )
+
+
+def searcher(cfg: Config, concurrency: int) -> SearchAlgorithm:
+    if cfg.search.searcher == "optuna":
+        return ConcurrencyLimiter(OptunaSearch(seed=cfg.seed), max_concurrent=concurrency)
+    return BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.seed)
+
+
+def scheduler(cfg: Config) -> TrialScheduler:
+    """ASHA on the tuned stage's epochs, with rungs at 1, 2, 4, ... strictly before the last epoch.
+
+    A trial is never cut at its last epoch (it finishes its stage, final evaluation and later stages); with
+    a single epoch there is nothing to stop early, so FIFO.
+    """
+    last = max_epochs(cfg)
+    if cfg.search.scheduler == "fifo" or last < 2:
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", max_t=last - 1, grace_period=1,
+                         reduction_factor=ASHA_REDUCTION_FACTOR, stop_last_trials=False)
+
+
+def max_epochs(cfg: Config) -> int:
+    stage = tuned_stage(cfg)
+    dist = cfg.search.space.get(f"stages.{stage}.epochs")
+    if dist is None:
+        return cfg.stages[stage].epochs
+    return int(max(dist.values) if dist.values is not None else dist.high)
+
+
+def trial_dirname(trial: Any) -> str:
+    return trial.trial_id
+
+
+def finish(cfg: Config, base: dict[str, Any], state: SweepState, results: tune.ResultGrid) -> summary.SweepResult:
+    """Rows from Tune's results; once every trial ended: the best trial, and the parent run's artifacts."""
+    search, stage = cfg.search, tuned_stage(cfg)
+    rows = [summary.trial_row(Path(r.path).name, {k: r.config[k] for k in search.space}, r.metrics or {},
+                              r.error is not None, int(r.config.get(f"stages.{stage}.epochs", cfg.stages[stage].epochs)),
+                              search.metric) for r in results]
+    rows.sort(key=lambda r: r.trial_id)
+    result = summary.SweepResult(cfg.name, state.parent_run_id, rows, expected_trials(search),
+                                 results.num_terminated + results.num_errors)
+    if result.interrupted:
+        return result
+    for row in rows:  # a trial cut while its Train run was being killed may have left a group behind
+        close_trial(base, row.params, row.trial_id, "KILLED")
+    result.best = summary.pick_best(rows, search.mode)
+    if result.best is not None:
+        pipeline_state = pipeline.PipelineState.load(pipeline.state_path(trial_config(base, result.best.params,
+                                                                                      result.best.trial_id)))
+        client = tracking.client(cfg.mlflow.tracking_uri)
+        result.best_run_id = pipeline_state.parent_run_id
+        result.best_runs = {name: client.get_run(rec.run_id).data.metrics for name, rec in pipeline_state.stages.items()}
+    log_sweep(cfg, result)
+    return result
+
+
+def log_sweep(cfg: Config, result: summary.SweepResult) -> None:
+    """The parent run: trials table (CSV + markdown), objective plot, best config; then it ends."""
+    uri, search, keys = cfg.mlflow.tracking_uri, cfg.search, list(cfg.search.space)
+    logger = tracking.RunLogger(uri, result.parent_run_id)
+    logger.text(summary.trials_csv(result.rows, keys, search.metric), "trials.csv")
+    logger.text(summary.trials_markdown(result.rows, keys, search.metric, result.best), "trials.md")
+    logger.figure(summary.objective_figure(result.rows, search.space, result.best, search.metric), "objective.png")
+    if result.best is not None:
+        logger.text(summary.best_config_yaml(cfg, result.best.params), "best_config.yaml")
+        logger.tags({"oodlab.best_trial": result.best.trial_id, "oodlab.best_run_id": result.best_run_id})
+        logger.metrics({"best/objective": result.best.objective}, step=0)
+    tracking.end_run(uri, result.parent_run_id)
