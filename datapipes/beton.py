@@ -80,9 +80,8 @@ def write(source: ImageSource, path: str | Path, options: ImageOptions = ImageOp
         raise ValueError(f"workers: {workers}; use at least 1 writer process")
     manifest_path(path).unlink(missing_ok=True)  # a manifest never describes a file other than the one beside it
     with atomic_path(path) as tmp:
-        writer = SupervisedWriter(str(tmp), options.fields(), workers, skip_bad=skip_bad, progress=progress,
-                                  desc=f"{source.name} -> {path.name}", max_resolution=options.max_resolution,
-                                  raw_possible=options.write_mode != "jpg")
+        desc = f"{source.name} -> {path.name}"
+        writer = SupervisedWriter(str(tmp), options.fields(), workers, skip_bad, progress, desc)
         skipped = writer.write(source)
     manifest = {"source": source.name, "count": len(source) - len(skipped), "classes": source.classes,
                 "options": asdict(options), "skipped": [f.message for f in skipped], "stamp": stamp or {}}
@@ -119,7 +118,8 @@ class BetonInfo:
     manifest: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
-        lines = [f"{self.path}: {self.count} samples, fields {', '.join(self.fields)}, {self.file_bytes / 2**20:.1f} MiB",
+        size = f"{self.file_bytes / 2**20:.1f} MiB"
+        lines = [f"{self.path}: {self.count} samples, fields {', '.join(self.fields)}, {size}",
                  f"  images: {self.count - self.jpeg_count} raw, {self.jpeg_count} jpg; "
                  f"sizes {self.min_size[0]}x{self.min_size[1]} .. {self.max_size[0]}x{self.max_size[1]} (HxW)"]
         lines += label_histogram(self.label_counts)
@@ -144,7 +144,8 @@ def label_histogram(counts: dict[int, int], width: int = 40) -> list[str]:
         return [f"  labels: {len(counts)} distinct; per label min {counts[lo]} (label {lo}), "
                 f"median {np.median(values):g}, max {counts[hi]} (label {hi})"]
     top = max(counts.values())
-    return ["  labels:"] + [f"  {label:>6} {n:>8} {'#' * max(1, round(width * n / top))}" for label, n in counts.items()]
+    bars = [f"  {label:>6} {n:>8} {'#' * max(1, round(width * n / top))}" for label, n in counts.items()]
+    return ["  labels:", *bars]
 
 
 def read_info(path: str | Path) -> BetonInfo:

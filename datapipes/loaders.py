@@ -32,6 +32,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
@@ -39,9 +40,13 @@ import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
-from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, RandomTranslate, Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, RandomTranslate, Squeeze, ToDevice, ToTensor,
+                             ToTorchImage)
 
 from oodlab.datapipes.benchmarks import Benchmark
+
+if TYPE_CHECKING:
+    from oodlab.datapipes.torch_loader import TorchLoader
 
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM, "sequential": OrderOption.SEQUENTIAL}
 PAD = 4  # pad-crop translation for CIFAR-style training
@@ -90,7 +95,7 @@ class LoaderSpec:
         return self.path.suffix == ".beton"
 
 
-def build_loader(bench: Benchmark, spec: LoaderSpec):
+def build_loader(bench: Benchmark, spec: LoaderSpec) -> Loader | TorchLoader:
     """FFCV Loader for a .beton, else the torch DataLoader fallback over `open_source(spec.path)`."""
     if not spec.is_beton:
         from oodlab.datapipes.sources import open_source
@@ -118,7 +123,7 @@ def cpu_budget(requested: int) -> int:
     """`requested` threads, capped by this process's CPUs (Ray's assignment inside a Ray worker) and numba's pool."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     ray = sys.modules.get("ray")  # only a process that imported Ray can be a Ray worker
-    if ray is not None and ray.is_initialized():
+    if ray is not None and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
         assigned = ray.get_runtime_context().get_assigned_resources().get("CPU")
         if assigned:
             cpus = min(cpus, max(1, math.floor(assigned)))

@@ -137,9 +137,9 @@ def default_options(name: str) -> beton.ImageOptions:
 
 
 def describe_layout(name: str, root: Path) -> str:
-    """One line per input: where it is expected and what goes there."""
-    inputs = {r.input for r in layout(name).values()}
-    return "\n".join(f"  {root / i.rel}  ({i.hint})" for i in sorted(inputs, key=lambda i: i.rel))
+    """One line per input: found or missing, where it is expected, what goes there."""
+    inputs = sorted({r.input for r in layout(name).values()}, key=lambda i: i.rel)
+    return "\n".join(f"  {'found  ' if i.locate(root) else 'MISSING'}  {root / i.rel}  ({i.hint})" for i in inputs)
 
 
 def missing_inputs(name: str, root: Path) -> list[Input]:
@@ -149,14 +149,12 @@ def missing_inputs(name: str, root: Path) -> list[Input]:
 
 
 def check_inputs(name: str, root: Path) -> None:
-    """Raise FileNotFoundError listing every missing input, plus the full expected layout."""
+    """Raise FileNotFoundError naming every missing input, within the whole expected layout."""
     missing = missing_inputs(name, root)
     if missing:
-        lines = [f"  {root / i.rel}  ({i.hint})" for i in missing]
-        raise FileNotFoundError(
-            f"benchmark {name}: {len(missing)} input(s) missing under {root}:\n" + "\n".join(lines)
-            + f"\nExpected layout:\n{describe_layout(name, root)}"
-        )
+        total = len({r.input for r in layout(name).values()})
+        raise FileNotFoundError(f"benchmark {name}: {len(missing)} of {total} inputs missing under {root}; nothing was "
+                                f"written. Expected layout:\n{describe_layout(name, root)}")
 
 
 def open_splits(name: str, root: Path) -> dict[str, ImageSource]:
@@ -218,7 +216,8 @@ def build(name: str, root: str | Path, out: str | Path, options: beton.ImageOpti
     return written
 
 
-def open_for_write(spec: str | Path, ood: bool = False, square: int | None = None, split: str | None = None) -> ImageSource:
+def open_for_write(spec: str | Path, ood: bool = False, square: int | None = None,
+                   split: str | None = None) -> ImageSource:
     """The source `oodlab data write` writes: `open_source(spec)`, optionally unlabeled and squared to `square`.
 
     split picks the CIFAR pickles (train | test); unreadable images are handled by the writer (skip_bad).

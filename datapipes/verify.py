@@ -26,6 +26,8 @@ from oodlab.datapipes.loaders import cpu_budget
 
 DECODE_FAILED, WRONG_SIZE = -1, -2
 _LISTED = 10
+_BUFFER_BYTES = 256 * 2**20
+_BATCHES_BUFFERED = 4  # FFCV allocates batches_ahead (2) + 2 batch slots
 
 
 class DecodeStatus(SimpleRGBImageDecoder):
@@ -61,8 +63,13 @@ class DecodeStatus(SimpleRGBImageDecoder):
 
 
 def verify(path: str | Path, batch_size: int = 256, threads: int = 1) -> BetonInfo:
-    """Decode every image and label of `path` through an FFCV Loader; BetonError naming damaged samples."""
+    """Decode every image and label of `path` through an FFCV Loader; BetonError naming damaged samples.
+
+    The batch is shrunk so FFCV's decode buffers (one largest image per sample, 4 batches) stay near 256 MiB.
+    """
     info = read_info(path)
+    largest = info.max_size[0] * info.max_size[1] * 3
+    batch_size = max(1, min(batch_size, _BUFFER_BYTES // (_BATCHES_BUFFERED * largest)))
     loader = Loader(str(path), batch_size=batch_size, num_workers=cpu_budget(threads), order=OrderOption.SEQUENTIAL,
                     drop_last=False, pipelines={"image": [DecodeStatus()], "label": [IntDecoder()]})
     status = np.concatenate([np.asarray(s).reshape(-1) for s, _ in loader])

@@ -47,7 +47,8 @@ def square(image: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(resized[top : top + size, left : left + size])
 
 
-def held_out_split(labels: np.ndarray, fraction: float, cap_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def held_out_split(labels: np.ndarray, fraction: float, cap_per_class: int,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (train, val) index arrays: per class min(cap, ceil(fraction * count)) samples go to val.
 
     Deterministic for a given seed and label array; both index arrays are sorted.

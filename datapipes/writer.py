@@ -68,15 +68,16 @@ class GuardedSource:
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         try:
             image, label = self.source[index]
-            self._check_size(index, image)
+            self._check_size(image)
             return image, label
         except SourceError as err:
             self.failures.put(Failure(index, str(err), skippable=True))
         except Exception as err:  # noqa: BLE001 - reported to the main process, which raises it
-            self.failures.put(Failure(index, f"{sample_origin(self.source, index)}: {type(err).__name__}: {err}", False))
+            where = sample_origin(self.source, index)
+            self.failures.put(Failure(index, f"{where}: {type(err).__name__}: {err}", skippable=False))
         return PLACEHOLDER, OOD_LABEL
 
-    def _check_size(self, index: int, image: np.ndarray) -> None:
+    def _check_size(self, image: np.ndarray) -> None:
         h, w = image.shape[:2]
         scale = min(1.0, self.max_resolution / max(h, w)) if self.max_resolution else 1.0
         raw_bytes = int(h * scale) * int(w * scale) * 3
@@ -89,17 +90,17 @@ class SupervisedWriter(DatasetWriter):
     """DatasetWriter that cannot hang: see the module docstring. `write(source)` returns the skipped failures."""
 
     def __init__(self, fname: str, fields: dict, num_workers: int, skip_bad: bool = False,
-                 progress: bool = True, desc: str | None = None, max_resolution: int | None = None,
-                 raw_possible: bool = True):
+                 progress: bool = True, desc: str | None = None):
         super().__init__(fname, fields, num_workers=num_workers)
         self.skip_bad, self.progress, self.desc = skip_bad, progress, desc
-        self.max_resolution, self.raw_possible = max_resolution, raw_possible
         self.skipped: list[Failure] = []
 
     def write(self, source: ImageSource) -> list[Failure]:
+        """Write `source` (samples in order; `fields` must be image, label); return the skipped failures."""
         self.failure_queue = mp.Queue()
-        raw_limit = self.page_size if self.raw_possible else None
-        self.from_indexed_dataset(GuardedSource(source, self.failure_queue, self.max_resolution, raw_limit))
+        image = self.fields["image"]
+        raw_limit = None if image.write_mode == "jpg" else self.page_size
+        self.from_indexed_dataset(GuardedSource(source, self.failure_queue, image.max_resolution, raw_limit))
         return sorted(self.skipped)
 
     def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args) -> None:
@@ -138,8 +139,9 @@ class SupervisedWriter(DatasetWriter):
                 self._drain_failures()
                 _check_workers(workers)
                 value = done.value
-                bar.update(value - shown)
-                shown = value
+                if value > shown:
+                    bar.update(value - shown)
+                    shown = value
                 if shown < self.num_samples:
                     time.sleep(_POLL_S)
         finally:

@@ -44,6 +44,8 @@ class Evaluation:
         for score, per_set in self.metrics.items():
             for where, values in per_set.items():
                 out.update({f"ood/{score}/{where}/{m}": 100 * v for m, v in values.items()})
+        # Mean feature-map norm per split: how the background loss separates ID from OOD features.
+        out.update({f"featnorm_mean/{split}": float(v.mean()) for split, v in self.scores.get("featnorm", {}).items()})
         return out
 
     def roc_curves(self, score: str, ood_sets: list[str], id_split: str = "id_test") -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -139,10 +139,10 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     cmds = data.add_subparsers(title="data commands", metavar="COMMAND")
 
     write = cmds.add_parser("write", help="write one source to a .beton (atomic; a bad image stops it, named)")
-    write.add_argument("source", type=Path, help="image folder, image list .txt, CIFAR pickles folder, SVHN .mat or .npz")
+    write.add_argument("source", type=Path, help="image folder, image list .txt, CIFAR folder, SVHN .mat or .npz")
     write.add_argument("out", type=Path, help="the .beton to write")
     write.add_argument("--ood", action="store_true", help="label every image -1 (an OOD set; flat folders allowed)")
-    write.add_argument("--square", type=int, metavar="SIZE", help="Resize SIZE + CenterCrop SIZE first (32 for CIFAR OOD sets)")
+    write.add_argument("--square", type=int, metavar="SIZE", help="Resize + CenterCrop to SIZE (32: CIFAR OOD sets)")
     write.add_argument("--split", choices=["train", "test"], help="CIFAR pickles: which split (default train)")
     _add_write_options(write)
     write.set_defaults(func=cmd_data_write)
@@ -169,7 +169,7 @@ def _add_write_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jpeg-quality", type=int, help="JPEG quality 1..100 (default 90)")
     parser.add_argument("--compress-probability", type=float, help="write-mode proportion: fraction stored as JPEG")
     parser.add_argument("--workers", type=int, default=1, help="writer processes (default 1)")
-    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images (counted, listed in the manifest)")
+    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed in the manifest)")
 
 
 def _image_options(args: argparse.Namespace, base):

@@ -23,7 +23,8 @@ from oodlab.datapipes.torch_loader import TorchLoader
 N = 37  # odd, not a multiple of the batch size: partial last batches and sharding padding
 BATCH = 8
 DEMO = get_benchmark("demo")  # 32x32, CIFAR mean/std, pad-crop training
-RRC = Benchmark("rrc-test", 10, 16, IMAGENET_MEAN, IMAGENET_STD, near=(), far=(), train_crop="rrc", eval_crop_ratio=0.875)
+RRC = Benchmark("rrc-test", 10, 16, IMAGENET_MEAN, IMAGENET_STD, near=(), far=(), train_crop="rrc",
+                eval_crop_ratio=0.875)  # ImageNet-style pipelines at a small size
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,8 @@ def test_random_resized_crop_training(tmp_path):
     images = np.broadcast_to(colours[:, None, None, None], (6, 30, 50, 3)).astype(np.uint8)
     source = ArraySource(images, np.arange(6))
     path = beton.write(source, tmp_path / "c.beton", progress=False)
-    for loader in (build_loader(RRC, LoaderSpec.for_training(path, 3)), TorchLoader(RRC, LoaderSpec.for_training(path, 3), source)):
+    spec = LoaderSpec.for_training(path, 3)
+    for loader in (build_loader(RRC, spec), TorchLoader(RRC, spec, source)):
         x, y = batches(loader)
         assert x.shape == (6, 3, 16, 16)
         for got, label in zip(x, y.tolist()):  # any crop of a flat image, resized, is that flat image
@@ -145,7 +147,7 @@ def observe_shards(config: dict) -> None:
         "eval": y.tolist(),
         "eval_pixels_match": bool(torch.equal(x[:, 0, 0, 0], torch.from_numpy(table[y.numpy(), 0]))),
         "budget": cpu_budget(4), "loader_threads": evaluation.num_workers, "numba_threads": numba.get_num_threads(),
-        "fallback_eval": batches(build_loader(DEMO, LoaderSpec(Path(config["npz"]), BATCH, distributed=True)))[1].tolist(),
+        "fallback_eval": batches(build_loader(DEMO, LoaderSpec(config["npz"], BATCH, distributed=True)))[1].tolist(),
     }
     train = build_loader(DEMO, LoaderSpec.for_training(path, BATCH, distributed=True, threads=4, seed=5))
     seen["train_batches"], seen["train"] = len(train), []
@@ -165,7 +167,8 @@ def test_distributed_loaders_cover_every_sample_once_across_two_ray_workers(ray_
 
     images = np.broadcast_to((np.arange(SHARD_N) % 256).astype(np.uint8)[:, None, None, None], (SHARD_N, 32, 32, 3))
     np.savez(tmp_path / "s.npz", images=images, labels=np.arange(SHARD_N))
-    path = beton.write(ArraySource(np.ascontiguousarray(images), np.arange(SHARD_N)), tmp_path / "s.beton", progress=False)
+    source = ArraySource(np.ascontiguousarray(images), np.arange(SHARD_N))
+    path = beton.write(source, tmp_path / "s.beton", progress=False)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     TorchTrainer(
         observe_shards,

@@ -1,41 +1,68 @@
-"""End to end at tiny size: real Ray Train (2 workers, gloo, DDP), real FFCV files, a real sqlite MLflow store."""
+"""End to end at tiny size: real Ray Train (2 workers, gloo, DDP), real FFCV files, a real sqlite MLflow store,
+the `oodlab eval` command, and a real MLflow server started by `oodlab ui`."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
+from oodlab import config
+from oodlab.cli import main
 from oodlab.distributed import checkpoint, pipeline
 from oodlab.models import create_model
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
+ALL_SCORES = ["msp", "maxlogit", "energy", "odin", "react", "ash", "knn", "mahalanobis", "featnorm"]
 
 
-def test_two_worker_training_run_is_tracked_in_mlflow(make_config):
-    cfg = make_config({"train": {"epochs": 2, "lr": 0.05}})
-    state = pipeline.run(cfg)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_root):
+    """One 2-epoch, 2-worker training run shared by the tests below; its config saved as YAML."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    raw = {
+        "name": "t",
+        "data": {"benchmark": "demo", "root": str(demo_root), "batch_size": 64},
+        "model": {"name": "resnet_tiny_cifar"},
+        "eval": {"scores": ["msp", "energy"], "final_scores": ["msp", "energy", "featnorm"]},
+        "ray": {"num_workers": 2, "cpus_per_worker": 1, "storage_path": str(tmp / "runs")},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "test"},
+        "stages": {"train": {"epochs": 2, "lr": 0.05}},
+    }
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = config.load(path)
+    return path, cfg, pipeline.run(cfg)
 
+
+def test_training_run_is_tracked_in_mlflow(trained):
+    _, cfg, state = trained
     record = state.stages["train"]
     assert record.done and Path(record.checkpoint).name == "train_epoch_0001"
-    # The checkpoint is a plain timm state dict, loadable weights-only.
-    model = create_model("resnet_tiny_cifar", num_classes=10)
+    model = create_model("resnet_tiny_cifar", num_classes=10)  # a plain timm state dict, loaded weights-only
     model.load_state_dict(checkpoint.load(checkpoint.model_file(record.checkpoint)))
 
     client = MlflowClient(cfg.mlflow.tracking_uri)
     run = client.get_run(record.run_id)
+    assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.parentRunId"] == state.parent_run_id
     assert run.data.tags["oodlab.stage"] == "train" and run.data.tags["oodlab.method"] == "ce"
     assert run.data.params["stage.epochs"] == "2"
     parent = client.get_run(state.parent_run_id)
-    assert parent.data.params["model.name"] == "resnet_tiny_cifar"
-    assert parent.data.params["ray.num_workers"] == "2"
+    assert parent.data.params["model.name"] == "resnet_tiny_cifar" and parent.data.params["ray.num_workers"] == "2"
 
     history = client.get_metric_history(record.run_id, "ood/energy/all/fpr95")
-    assert [m.step for m in history] == [0, 1]
-    assert all(0 <= m.value <= 100 for m in history)
+    assert [m.step for m in history] == [0, 1] and all(0 <= m.value <= 100 for m in history)
     assert [m.step for m in client.get_metric_history(record.run_id, "train/loss")] == [0, 1]
     final = run.data.metrics
     assert 0 <= final["id_acc"] <= 100
@@ -46,9 +73,59 @@ def test_two_worker_training_run_is_tracked_in_mlflow(make_config):
     plots = {a.path for a in client.list_artifacts(record.run_id, "plots")}
     assert {"plots/roc_energy.png", "plots/hist_msp.png", "plots/epoch_curve.png"} <= plots
     assert "config.yaml" in {a.path for a in client.list_artifacts(state.parent_run_id)}
-    assert run.info.status == "FINISHED"
 
-    # Rerunning the same config resumes: the finished stage is skipped, nothing retrains.
+
+def test_rerun_resumes_instead_of_retraining(trained):
+    _, cfg, state = trained
     again = pipeline.run(cfg)
-    assert again.stages["train"].run_id == record.run_id
-    assert len(client.get_metric_history(record.run_id, "train/loss")) == 2
+    assert again.stages["train"].run_id == state.stages["train"].run_id
+    history = MlflowClient(cfg.mlflow.tracking_uri).get_metric_history(state.stages["train"].run_id, "train/loss")
+    assert len(history) == 2
+
+
+def test_eval_command_prints_every_score(trained, capsys):
+    path, _, state = trained
+    assert main(["eval", str(path), "--checkpoint", state.stages["train"].checkpoint,
+                 "--scores", ",".join(ALL_SCORES)]) == 0
+    table = capsys.readouterr().out.split("ID accuracy", 1)[1]
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[1:] == ALL_SCORES  # header row, then one row per score
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read() or b"{}")
+
+
+def test_ui_serves_the_run_and_its_metric_history(trained):
+    path, cfg, state = trained
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "oodlab.cli", "ui", str(path), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow ui did not come up"
+                time.sleep(1)
+        experiment = _get(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=test")["experiment"]
+        runs = _get(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+        assert {r["info"]["run_id"] for r in runs} >= {state.parent_run_id, state.stages["train"].run_id}
+        run_id = state.stages["train"].run_id
+        history = _get(f"{base}/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=id_acc")["metrics"]
+        assert [m["step"] for m in history] == [0, 1]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

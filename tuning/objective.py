@@ -22,7 +22,7 @@ from typing import Any
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from oodlab.config import Config, ConfigError, SearchConfig
-from oodlab.distributed import checkpoint
+from oodlab.distributed.checkpoint import META, model_file, read_meta
 from oodlab.metrics import METRIC_NAMES
 
 TRAINING_KEYS = ("lr", "epoch_seconds")
@@ -60,13 +60,13 @@ def tuned_stage(cfg: Config) -> str:
     return list(cfg.train_stages())[-1]
 
 
-def reference_accuracy(model_file: str | Path) -> float:
+def reference_accuracy(model: str | Path) -> float:
     """ID validation accuracy (percent) of a starting checkpoint, from the meta.json oodlab wrote beside it."""
-    meta = Path(model_file).parent / checkpoint.META
-    found = checkpoint.read_meta(meta.parent).get("metrics", {}) if meta.is_file() else {}
+    meta = Path(model).parent / META
+    found = read_meta(meta.parent).get("metrics", {}) if meta.is_file() else {}
     if "id_val_acc" not in found:
         raise ConfigError(
-            f"search.max_id_acc_drop: the starting checkpoint {model_file} has no id_val_acc in {meta} (oodlab "
+            f"search.max_id_acc_drop: the starting checkpoint {model} has no id_val_acc in {meta} (oodlab "
             "writes it at every evaluated epoch); start the tuned stage from an oodlab checkpoint or drop max_id_acc_drop")
     return float(found["id_val_acc"])
 
@@ -87,7 +87,7 @@ def check_objective(cfg: Config) -> None:
             raise ConfigError(f"search.max_id_acc_drop: stage '{stage}' trains from scratch, so there is no starting "
                               "accuracy to compare with; set its init or drop max_id_acc_drop")
         if init not in cfg.stages:
-            reference_accuracy(checkpoint.model_file(init))
+            reference_accuracy(model_file(init))
 
 
 class ValidationReport(TuneReportCallback):
@@ -102,11 +102,11 @@ class ValidationReport(TuneReportCallback):
         super().__init__()
         self.search, self.reference = search, reference
 
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint_: Any) -> None:
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         view = validation_view(metrics[0])
         if self.search.metric not in view:
             return
         view["objective"] = objective(view, self.search, self.reference)
-        with checkpoint_.as_directory() as directory:
-            view["training_iteration"] = int(checkpoint.read_meta(Path(directory))["epoch"]) + 1
-        super().after_report(run_context, [view], checkpoint_)
+        with checkpoint.as_directory() as directory:
+            view["training_iteration"] = int(read_meta(Path(directory))["epoch"]) + 1
+        super().after_report(run_context, [view], checkpoint)
