@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from oodlab.config import Config, RayConfig
@@ -59,7 +59,6 @@ def trainer(cfg: Config, job: Job, callbacks: list[Any] | None = None,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             failure_config=FailureConfig(max_failures=r.max_failures),
             callbacks=callbacks,
-            logging_config=LoggingConfig(log_level="WARNING"),  # our own progress lines, not every report
         ),
     )
 

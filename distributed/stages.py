@@ -17,7 +17,7 @@ from torch import nn
 
 from oodlab.config import TrainStage
 from oodlab.losses import BackgroundSpec, background_loss, flooded
-from oodlab.masking import attach_masks, mask_scores, set_trainable
+from oodlab.masking import attach_masks, set_trainable
 from oodlab.models import FeatureNet
 
 
@@ -49,10 +49,10 @@ class TrainMethod:
         return [p for p in net.parameters() if p.requires_grad]
 
     def loss(self, logits: torch.Tensor, fmap: torch.Tensor, labels: torch.Tensor, classifier: nn.Linear,
-             epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """The batch objective and what to log about it."""
+             epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """The batch objective and what to log about it (batch means; tensors stay on the device)."""
         ce = F.cross_entropy(logits, labels)
-        stats = {"ce": ce.item()}
+        stats = {"ce": ce.detach()}
         loss = ce
         if self.stage.forget is not None:
             loss = flooded(ce, self.threshold, self.stage.forget.beta)
@@ -61,10 +61,6 @@ class TrainMethod:
             bias = classifier.bias if classifier.bias is not None else torch.zeros_like(classifier.weight[:, 0])
             term, bg_stats = background_loss(fmap, classifier.weight, bias, labels, self.background)
             loss = loss + bg.weight * term
-            stats.update({"bg_term": term.item(), **{f"bg_{k}": v for k, v in bg_stats.items()}})
+            stats.update({"bg_term": term.detach(), **{f"bg_{k}": v for k, v in bg_stats.items()}})
         return loss, stats
 
-
-def trainable_scores(net: FeatureNet) -> int:
-    """Number of mask-score parameters (0 unless UMAP)."""
-    return sum(p.numel() for p in mask_scores(net.model))

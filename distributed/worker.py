@@ -16,16 +16,18 @@ from typing import Any
 import numpy as np
 import ray.train
 import ray.train.torch
+from ray.experimental import tqdm_ray
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from oodlab.config import Config, EstimateStage, EvalStage, TrainStage
 from oodlab.datapipes.benchmarks import Benchmark, get_benchmark
+from oodlab.datapipes.beton import read_info
 from oodlab.datapipes.loaders import LoaderSpec, build_loader
 from oodlab.distributed import checkpoint, tracking
 from oodlab.distributed.artifacts import log_final_artifacts
-from oodlab.distributed.evaluate import Evaluation, evaluate
+from oodlab.distributed.evaluate import FITS_ON_TRAIN, Evaluation, evaluate
 from oodlab.distributed.stages import TrainMethod
 from oodlab.masking import attach_masks, dense_state_dict
 from oodlab.models import FeatureNet, create_model
@@ -70,22 +72,19 @@ class Worker:
                           channels_last=self.cfg.model.channels_last, seed=self.cfg.seed, **kw)
 
     def train_loader(self, augment: bool = True, sequential: bool = False):
+        """Shuffled, augmented, full batches; or (`sequential`) every sample exactly once, for estimation."""
         per_worker = self.cfg.data.batch_size // self.world
-        if sequential:  # every sample exactly once (estimation)
+        if sequential:
             return build_loader(self.bench, self.spec("id_train", per_worker, augment=augment))
-        spec = LoaderSpec.for_training(self.bench.path(self.cfg.data.root, "id_train"), per_worker,
-                                       order=self.cfg.data.order, distributed=self.world > 1,
-                                       threads=self.cfg.data.loader_threads, os_cache=self.cfg.data.os_cache,
-                                       device=self.device, channels_last=self.cfg.model.channels_last,
-                                       seed=self.cfg.seed)
-        return build_loader(self.bench, spec)
+        return build_loader(self.bench, self.spec("id_train", per_worker, augment=True, order=self.cfg.data.order,
+                                                  drop_last=True))
 
     def eval_loaders(self) -> dict[str, Any]:
         """One sequential loader per split, built once per process (FFCV compiles each pipeline)."""
         if self._eval_loaders is None:
             per_worker = max(1, self.cfg.data.eval_batch_size // self.world)
             loaders = {s: build_loader(self.bench, self.spec(s, per_worker)) for s in self.bench.splits if s != "id_train"}
-            n_train = len(build_loader(self.bench, self.spec("id_train", per_worker)).indices)
+            n_train = read_info(self.bench.path(self.cfg.data.root, "id_train")).count
             bank = np.linspace(0, n_train - 1, min(n_train, self.cfg.eval.knn_bank_size)).round().astype(int)
             loaders["id_train"] = build_loader(self.bench, self.spec("id_train", per_worker, indices=tuple(bank.tolist())))
             self._eval_loaders = loaders
@@ -94,7 +93,14 @@ class Worker:
     def evaluate(self, net: FeatureNet, scores: list[str]) -> Evaluation | None:
         loaders = self.eval_loaders()
         sizes = {s: len(loader.indices) for s, loader in loaders.items()}
-        return evaluate(net, loaders, sizes, self.bench, scores, self.cfg.eval.params, amp=self.cfg.ray.amp)
+        passes = {s: (s != "id_train" or bool(FITS_ON_TRAIN & set(scores))) + (s != "id_train" and "odin" in scores)
+                  for s in loaders}
+        bar = self.progress(sum(len(loaders[s]) * n for s, n in passes.items()), "evaluate")
+        ticking = {s: Ticking(loader, bar) for s, loader in loaders.items()}
+        evaluation = evaluate(net, ticking, sizes, self.bench, scores, self.cfg.eval.params, amp=self.cfg.ray.amp)
+        if bar is not None:
+            bar.close()
+        return evaluation
 
     # -- model -------------------------------------------------------------------------------------
     def model(self) -> FeatureNet:
@@ -123,10 +129,27 @@ class Worker:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"{self.job.stage}_epoch_{epoch:04d}")
 
+    def progress(self, total: int, desc: str) -> tqdm_ray.tqdm | None:
+        """A progress bar drawn by the driver (rank 0 only)."""
+        return tqdm_ray.tqdm(total=total, desc=f"[{self.job.stage}] {desc}", unit="batch") if self.rank == 0 else None
+
     def say(self, text: str) -> None:
         """A progress line from rank 0 (through logging: Ray Train tees print() into its logs twice)."""
         if self.rank == 0:
             log.info("[%s] %s", self.job.stage, text)
+
+
+class Ticking:
+    """Re-iterable batches that advance a progress bar."""
+
+    def __init__(self, batches: Any, bar: tqdm_ray.tqdm | None):
+        self.batches, self.bar = batches, bar
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield batch
+            if self.bar is not None:
+                self.bar.update(1)
 
 
 def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
@@ -167,7 +190,8 @@ def run_train(worker: Worker, stage: TrainStage) -> None:
         t0 = time.perf_counter()
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        metrics = train_epoch(ddp, net, loader, opt, sched, method, epoch, worker)
+        bar = worker.progress(steps, f"epoch {epoch + 1}/{stage.epochs}")
+        metrics = train_epoch(ddp, net, loader, opt, sched, method, epoch, worker, bar)
         last = epoch == stage.epochs - 1
         evaluation = None
         if last or (epoch + 1) % stage.eval_every == 0:
@@ -184,11 +208,11 @@ def run_train(worker: Worker, stage: TrainStage) -> None:
 
 
 def train_epoch(ddp: torch.nn.Module, net: FeatureNet, loader, opt, sched, method: TrainMethod, epoch: int,
-                worker: Worker) -> dict[str, float]:
+                worker: Worker, bar: tqdm_ray.tqdm | None) -> dict[str, float]:
     ddp.train()
     totals: dict[str, float] = {}
     seen = correct = 0
-    for x, y in loader:
+    for x, y in Ticking(loader, bar):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.cfg.ray.amp):
             logits, _, fmap = ddp(x)
         loss, stats = method.loss(logits.float(), fmap.float(), y, net.classifier, epoch)
@@ -196,12 +220,14 @@ def train_epoch(ddp: torch.nn.Module, net: FeatureNet, loader, opt, sched, metho
         loss.backward()
         opt.step()
         sched.step()
-        stats["loss"] = loss.item()
-        for k, v in stats.items():
+        stats["loss"] = loss.detach()
+        for k, v in stats.items():  # tensors stay on the device: no per-step synchronisation
             totals[k] = totals.get(k, 0.0) + v * len(y)
         seen += len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-    sums = torch.tensor([seen, correct, *totals.values()], dtype=torch.float64)
+        correct = correct + (logits.argmax(1) == y).sum()
+    if bar is not None:
+        bar.close()
+    sums = torch.tensor([seen, float(correct), *map(float, totals.values())], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(sums)
     seen_all = sums[0].item()

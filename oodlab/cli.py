@@ -1,4 +1,4 @@
-"""The front door: `oodlab demo | train | eval | ui`. The only core module that reaches the upper layers.
+"""The front door: `oodlab demo | train | eval | tune | ui`. The only core module that reaches the upper layers.
 
 Configs are validated here, before Ray starts; Ray, FFCV and MLflow are imported only by the commands
 that need them, so `oodlab --help` and config errors are instant.
@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*")
     ev.set_defaults(func=cmd_eval)
 
+    tune = sub.add_parser("tune", help="Ray Tune sweep over the config's search space (rerun to resume it)")
+    tune.add_argument("config", type=Path)
+    tune.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. search.num_samples=8")
+    tune.add_argument("--restart", action="store_true", help="start the sweep afresh instead of resuming it")
+    tune.set_defaults(func=cmd_tune)
+
     ui = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 against the configured store")
     ui.add_argument("config", type=Path, nargs="?", default=CONFIGS / "demo.yaml")
     ui.add_argument("--port", type=int, default=5000)
@@ -108,6 +114,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"\nID accuracy {flat['id_acc']:.2f}%  (fpr95: ID positive, lower is better; val = OOD validation split)")
     print(markdown(head, rows))
     return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config, args.overrides)
+    from oodlab.tuning import summary, sweep
+
+    result = sweep.run(cfg, restart=args.restart)
+    print(summary.text(result, cfg, args.config, args.overrides))
+    return 130 if result.interrupted else 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

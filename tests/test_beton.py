@@ -292,3 +292,26 @@ def test_verify_decodes_every_image_and_names_corrupt_ones(jpeg_beton, tmp_path)
     beton.read_info(damaged)  # structurally intact ...
     with pytest.raises(BetonError, match=r"2 of 30 images are corrupt, e.g. samples 4 \(JPEG data does not decode"):
         verify(damaged)  # ... but two images do not decode
+
+
+# ---------------------------------------------------------------- the commands
+
+
+def test_data_write_and_inspect_commands(tmp_path, capsys):
+    from oodlab.cli import main
+
+    unreadable_folder(tmp_path / "imgs")
+    out = tmp_path / "cli.beton"
+    assert main(["data", "write", str(tmp_path / "imgs"), str(out), "--workers", "2"]) == 2
+    assert "cannot read image" in capsys.readouterr().err and not out.exists()
+    args = ["--skip-bad", "--write-mode", "jpg", "--jpeg-quality", "80", "--square", "16", "--ood"]
+    assert main(["data", "write", str(tmp_path / "imgs"), str(out), *args]) == 0
+    report = capsys.readouterr().out
+    assert "wrote 8 images in" in report and "labels: all -1" in report and "skipped 2 unreadable" in report
+    assert beton.read_manifest(out)["options"]["jpeg_quality"] == 80
+    assert main(["data", "inspect", str(out), "--verify"]) == 0
+    assert "8 samples" in (text := capsys.readouterr().out) and "sizes 16x16 .. 16x16" in text
+    assert "verified: all 8 images decode" in text
+    out.write_bytes(out.read_bytes()[:-100])
+    assert main(["data", "inspect", str(out)]) == 2
+    assert "truncated" in capsys.readouterr().err

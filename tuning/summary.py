@@ -87,13 +87,15 @@ def trials_markdown(rows: Sequence[TrialRow], keys: Sequence[str], metric: str, 
     return markdown(columns(keys, metric), body)
 
 
-def objective_figure(rows: Sequence[TrialRow], space: Mapping[str, Dist], best: TrialRow | None, metric: str) -> Figure:
+def objective_figure(rows: Sequence[TrialRow], space: Mapping[str, Dist], best: TrialRow | None, metric: str,
+                     mode: str) -> Figure:
     """Objective against each searched value, one panel per dimension; the best trial starred."""
     scored = [r for r in rows if r.objective is not None]
     ncols = min(3, len(space))
     nrows = -(-len(space) // ncols)
     fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows), layout="constrained")
     FigureCanvasAgg(fig)
+    fig.suptitle(f"objective: {metric}, validation ({'lower' if mode == 'min' else 'higher'} is better)")
     for i, (key, dist) in enumerate(space.items()):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         xs, ticks = _positions([r.params[key] for r in scored])
@@ -107,8 +109,9 @@ def objective_figure(rows: Sequence[TrialRow], space: Mapping[str, Dist], best: 
             ax.set_xticks(range(len(ticks)), ticks)
         elif dist.dist == "loguniform":
             ax.set_xscale("log")
-        ax.set(xlabel=key, ylabel=f"objective ({metric})")
-        ax.legend(fontsize="small")
+        ax.set(xlabel=key, ylabel="objective")
+        if scored:
+            ax.legend(fontsize="small")
     return fig
 
 

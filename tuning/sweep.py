@@ -194,7 +194,7 @@ def log_sweep(cfg: Config, result: summary.SweepResult) -> None:
     logger = tracking.RunLogger(uri, result.parent_run_id)
     logger.text(summary.trials_csv(result.rows, keys, search.metric), "trials.csv")
     logger.text(summary.trials_markdown(result.rows, keys, search.metric, result.best), "trials.md")
-    logger.figure(summary.objective_figure(result.rows, search.space, result.best, search.metric), "objective.png")
+    logger.figure(summary.objective_figure(result.rows, search.space, result.best, search.metric, search.mode), "objective.png")
     if result.best is not None:
         logger.text(summary.best_config_yaml(cfg, result.best.params), "best_config.yaml")
         logger.tags({"oodlab.best_trial": result.best.trial_id, "oodlab.best_run_id": result.best_run_id})
