@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import ray.train
 import ray.train.torch
-from ray.experimental import tqdm_ray
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -27,7 +26,7 @@ from oodlab.datapipes.beton import read_info
 from oodlab.datapipes.loaders import LoaderSpec, build_loader
 from oodlab.distributed import checkpoint, tracking
 from oodlab.distributed.artifacts import log_final_artifacts
-from oodlab.distributed.evaluate import FITS_ON_TRAIN, Evaluation, evaluate
+from oodlab.distributed.evaluate import Evaluation, evaluate
 from oodlab.distributed.stages import TrainMethod
 from oodlab.masking import attach_masks, dense_state_dict
 from oodlab.models import FeatureNet, create_model
@@ -93,13 +92,9 @@ class Worker:
     def evaluate(self, net: FeatureNet, scores: list[str]) -> Evaluation | None:
         loaders = self.eval_loaders()
         sizes = {s: len(loader.indices) for s, loader in loaders.items()}
-        passes = {s: (s != "id_train" or bool(FITS_ON_TRAIN & set(scores))) + (s != "id_train" and "odin" in scores)
-                  for s in loaders}
-        bar = self.progress(sum(len(loaders[s]) * n for s, n in passes.items()), "evaluate")
-        ticking = {s: Ticking(loader, bar) for s, loader in loaders.items()}
-        evaluation = evaluate(net, ticking, sizes, self.bench, scores, self.cfg.eval.params, amp=self.cfg.ray.amp)
-        if bar is not None:
-            bar.close()
+        start = time.perf_counter()
+        evaluation = evaluate(net, loaders, sizes, self.bench, scores, self.cfg.eval.params, amp=self.cfg.ray.amp)
+        self.say(f"evaluated {len(scores)} scores on {len(loaders)} splits in {time.perf_counter() - start:.1f}s")
         return evaluation
 
     # -- model -------------------------------------------------------------------------------------
@@ -129,27 +124,10 @@ class Worker:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"{self.job.stage}_epoch_{epoch:04d}")
 
-    def progress(self, total: int, desc: str) -> tqdm_ray.tqdm | None:
-        """A progress bar drawn by the driver (rank 0 only)."""
-        return tqdm_ray.tqdm(total=total, desc=f"[{self.job.stage}] {desc}", unit="batch") if self.rank == 0 else None
-
     def say(self, text: str) -> None:
         """A progress line from rank 0 (through logging: Ray Train tees print() into its logs twice)."""
         if self.rank == 0:
             log.info("[%s] %s", self.job.stage, text)
-
-
-class Ticking:
-    """Re-iterable batches that advance a progress bar."""
-
-    def __init__(self, batches: Any, bar: tqdm_ray.tqdm | None):
-        self.batches, self.bar = batches, bar
-
-    def __iter__(self):
-        for batch in self.batches:
-            yield batch
-            if self.bar is not None:
-                self.bar.update(1)
 
 
 def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
@@ -188,10 +166,7 @@ def run_train(worker: Worker, stage: TrainStage) -> None:
         worker.say(f"resumed after epoch {start - 1}")
     for epoch in range(start, stage.epochs):
         t0 = time.perf_counter()
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        bar = worker.progress(steps, f"epoch {epoch + 1}/{stage.epochs}")
-        metrics = train_epoch(ddp, net, loader, opt, sched, method, epoch, worker, bar)
+        metrics = train_epoch(ddp, net, loader, opt, sched, method, epoch, worker)
         last = epoch == stage.epochs - 1
         evaluation = None
         if last or (epoch + 1) % stage.eval_every == 0:
@@ -208,11 +183,11 @@ def run_train(worker: Worker, stage: TrainStage) -> None:
 
 
 def train_epoch(ddp: torch.nn.Module, net: FeatureNet, loader, opt, sched, method: TrainMethod, epoch: int,
-                worker: Worker, bar: tqdm_ray.tqdm | None) -> dict[str, float]:
+                worker: Worker) -> dict[str, float]:
     ddp.train()
     totals: dict[str, float] = {}
     seen = correct = 0
-    for x, y in Ticking(loader, bar):
+    for x, y in loader:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.cfg.ray.amp):
             logits, _, fmap = ddp(x)
         loss, stats = method.loss(logits.float(), fmap.float(), y, net.classifier, epoch)
@@ -225,9 +200,8 @@ def train_epoch(ddp: torch.nn.Module, net: FeatureNet, loader, opt, sched, metho
             totals[k] = totals.get(k, 0.0) + v * len(y)
         seen += len(y)
         correct = correct + (logits.argmax(1) == y).sum()
-    if bar is not None:
-        bar.close()
-    sums = torch.tensor([seen, float(correct), *map(float, totals.values())], dtype=torch.float64)
+    # float64 on the worker's device: NCCL reduces CUDA tensors only
+    sums = torch.tensor([seen, float(correct), *map(float, totals.values())], dtype=torch.float64, device=worker.device)
     if dist.is_initialized():
         dist.all_reduce(sums)
     seen_all = sums[0].item()
@@ -260,7 +234,7 @@ def run_estimate(worker: Worker, stage: EstimateStage) -> None:
             logits = net(x)[0][:take]
             loss_sum += F.cross_entropy(logits.float(), y[:take], reduction="sum").item()
             count += take
-    sums = torch.tensor([loss_sum, count], dtype=torch.float64)
+    sums = torch.tensor([loss_sum, count], dtype=torch.float64, device=worker.device)
     if dist.is_initialized():
         dist.all_reduce(sums)
     threshold = sums[0].item() / sums[1].item()
