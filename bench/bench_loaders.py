@@ -1,6 +1,6 @@
 """Images/s of the FFCV loader vs torchvision ImageFolder + DataLoader on the same real JPEG photos.
 
-Run: PYTHONPATH=. python bench/bench_loaders.py --images 2000 --workers 2 --rounds 3
+Run (oodlab installed, e.g. `pip install -e .`): python bench/bench_loaders.py --images 2000 --workers 2 --rounds 3
 Both loaders run the same training pipeline (random-resized crop, horizontal flip, normalise; output
 float32 NCHW) with the same batch size and number of workers (FFCV: numba threads; torchvision:
 DataLoader processes). Epochs alternate between the loaders so machine noise hits both; the
@@ -83,8 +83,8 @@ def torchvision_loader(folder: Path, size: int, batch: int, workers: int):
     return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers)
 
 
-def compare(loaders: dict[str, Callable[[], Iterable]], rounds: int) -> dict[str, float]:
-    """Median images/s per loader; one warm-up epoch each (FFCV compiles its pipeline there)."""
+def compare(loaders: dict[str, Callable[[], Iterable]], rounds: int) -> dict[str, list[float]]:
+    """Images/s of every epoch per loader, after one warm-up epoch each (FFCV compiles its pipeline there)."""
     built = {name: make() for name, make in loaders.items()}
     for loader in built.values():
         epoch_rate(loader)
@@ -92,7 +92,11 @@ def compare(loaders: dict[str, Callable[[], Iterable]], rounds: int) -> dict[str
     for _ in range(rounds):
         for name, loader in built.items():
             rates[name].append(epoch_rate(loader))
-    return {name: statistics.median(r) for name, r in rates.items()}
+    return rates
+
+
+def summary(rates: list[float]) -> str:
+    return f"{statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f})"
 
 
 def main() -> None:
@@ -112,7 +116,7 @@ def main() -> None:
         path = beton.write(ImageFolderSource(folder), Path(tmp) / "jpegs.beton",
                            beton.ImageOptions("jpg", jpeg_quality=90), workers=args.workers, progress=False)
         print(f"{args.images} JPEGs {SIDE}x{SIDE}, batch {args.batch}, {args.workers} workers, "
-              f"median of {args.rounds} epochs\n")
+              f"median (min-max) of {args.rounds} epochs\n")
         print("| size | torchvision ImageFolder + DataLoader img/s | oodlab torch fallback img/s | FFCV img/s "
               "| FFCV / torchvision |\n|---|---|---|---|---|")
         for size in args.sizes:
@@ -121,9 +125,9 @@ def main() -> None:
                 "fallback": lambda: fallback_loader(folder, size, args.batch, args.workers),
                 "ffcv": lambda: ffcv_loader(path, size, args.batch, args.workers),
             }, args.rounds)
-            ratio = rates["ffcv"] / rates["torchvision"]
-            print(f"| {size} | {rates['torchvision']:.0f} | {rates['fallback']:.0f} | {rates['ffcv']:.0f} "
-                  f"| {ratio:.2f}x |", flush=True)
+            ratio = statistics.median(rates["ffcv"]) / statistics.median(rates["torchvision"])
+            cells = " | ".join(summary(rates[name]) for name in ("torchvision", "fallback", "ffcv"))
+            print(f"| {size} | {cells} | {ratio:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Write throughput (images/s) of `oodlab data write` on real JPEG photos, for the usual write settings.
 
-Run: PYTHONPATH=. python bench/bench_write.py --images 2000
+Run (oodlab installed, e.g. `pip install -e .`): python bench/bench_write.py --images 2000
 Each setting runs the real command (`oodlab.cli.main`, in this process) on a folder of 256x256 JPEGs
 (random crops of scikit-image's photos, see bench_loaders.py); the rate counts the whole command:
 listing the folder, decoding every JPEG with PIL, encoding, writing and renaming the file.

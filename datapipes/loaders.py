@@ -9,20 +9,24 @@ Pipelines. Train: random-resized crop (ImageNet) or pad-4 random crop (CIFAR), h
 Eval: center crop of `eval_crop_ratio` of the shorter side, resized to the ID resolution (ImageNet:
 224/256, i.e. Resize 256 + CenterCrop 224; CIFAR: the whole 32x32 image). Normalisation is a numba
 lookup table before ToTensor on every device: after ToTensor FFCV 1.0.2's Loader spins forever on CPU
-(platform notes), and FFCV's GPU NormalizeImage needs cupy. A GPU receives normalised float32.
+(platform notes), and FFCV's GPU NormalizeImage needs cupy. It writes NCHW directly (`NormalizeCHW`),
+or NHWC memory viewed as NCHW with channels_last. A GPU receives normalised float32.
 
 Order and sharding. `order` is sequential, random (a permutation per epoch from `seed + epoch`) or
-quasi_random (FFCV only; not with distributed). With `distributed=True` each Ray Train worker reads
-the shard torch's DistributedSampler gives its rank: rank r gets positions r, r + world, ... of the
-(per-epoch shuffled) order, padded by repeating the first samples so every rank has ceil(N / world).
+quasi_random (FFCV's page-friendly shuffle; not with distributed; the fallback treats it as random).
+With `distributed=True` each Ray Train worker reads the shard torch's DistributedSampler gives its
+rank: rank r gets positions r, r + world, ... of the (per-epoch shuffled) order, padded by repeating
+the first samples so every rank has ceil(N / world).
 Evaluation (drop_last=False) therefore sees every sample once plus that padding: a rank keeps its
 first len(range(rank, N, world)) samples to drop it. Training (drop_last=True) gives every rank the
 same number of full batches (so DDP ranks step together); per epoch each rank drops the last
 ceil(N / world) % batch_size samples of its shard, different ones every epoch as the order reshuffles.
 
-Threads. FFCV's `num_workers` is a thread count: it sets numba's (and torch's intra-op) thread count
-in the process. `spec.threads` is capped by `cpu_budget()`: the CPUs Ray assigned to this worker when
-running inside Ray (fractional CPUs count as 1), else the process's CPU affinity, and numba's pool size.
+Threads. FFCV's `num_workers` is a thread count, not processes: at construction and on every iter()
+FFCV 1.0.2 calls numba.set_num_threads(n) and torch.set_num_threads(n) (so the process's torch compute
+threads follow it too). `spec.threads` is capped by `cpu_budget()`: the CPUs Ray assigned to this
+worker when running inside Ray (fractional CPUs count as 1), else the process's CPU affinity, and
+numba's pool size (NUMBA_NUM_THREADS); tests/test_loaders.py checks the cap inside Ray Train workers.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, RandomTransla
                              ToTorchImage)
 
 from oodlab.datapipes.benchmarks import Benchmark
+from oodlab.datapipes.ops import NormalizeCHW
 
 if TYPE_CHECKING:
     from oodlab.datapipes.torch_loader import TorchLoader
@@ -122,7 +127,7 @@ def build_loader(bench: Benchmark, spec: LoaderSpec) -> Loader | TorchLoader:
 def cpu_budget(requested: int) -> int:
     """`requested` threads, capped by this process's CPUs (Ray's assignment inside a Ray worker) and numba's pool."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    ray = sys.modules.get("ray")  # only a process that imported Ray can be a Ray worker
+    ray = sys.modules.get("ray")  # only a process that imported Ray can be a Ray worker (a driver has no assignment)
     if ray is not None and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
         assigned = ray.get_runtime_context().get_assigned_resources().get("CPU")
         if assigned:
@@ -149,8 +154,10 @@ def image_pipeline(bench: Benchmark, spec: LoaderSpec) -> list:
         decode = [RandomResizedCropRGBImageDecoder(size, scale=RRC_SCALE, ratio=RRC_RATIO), RandomHorizontalFlip()]
     else:  # any stored size is first brought to the ID resolution (identity for 32x32 CIFAR)
         decode = [CenterCropRGBImageDecoder(size, ratio=1.0), RandomHorizontalFlip(), RandomTranslate(padding=PAD)]
-    mean, std = pixel_stats(bench)
-    ops = [*decode, NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage(channels_last=spec.channels_last)]
+    if spec.channels_last:  # NHWC memory viewed as NCHW: no copy
+        ops = [*decode, NormalizeImage(*pixel_stats(bench), np.float32), ToTensor(), ToTorchImage(channels_last=True)]
+    else:
+        ops = [*decode, NormalizeCHW(normalize_table(bench)), ToTensor()]
     return [*ops, ToDevice(spec.device, non_blocking=True)] if spec.device.type == "cuda" else ops
 
 

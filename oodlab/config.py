@@ -94,7 +94,7 @@ class BackgroundConfig(Section):
 
 class TrainStage(Section):
     kind: Literal["train"] = "train"
-    init: str | None = None  # None: from scratch; an earlier stage's name; or a checkpoint file
+    init: str | None = None  # None: from scratch; an earlier stage's name; or a checkpoint (file or directory)
     epochs: PositiveInt = 10
     lr: PositiveFloat = 0.1
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
@@ -280,7 +280,7 @@ def _check_init(name: str, init: str | None, earlier: dict[str, str]) -> None:
         return
     if init in earlier:
         raise ValueError(f"stages.{name}.init: '{init}' is an {earlier[init]} stage; name a train stage or a checkpoint file")
-    if not Path(init).expanduser().is_file():
+    if not Path(init).expanduser().exists():  # a checkpoint file, or a checkpoint directory holding model.pt
         trains = [n for n, k in earlier.items() if k == "train"]
         raise ValueError(
             f"stages.{name}.init: '{init}' is neither an earlier train stage ({trains}) nor an existing "

@@ -21,7 +21,7 @@ from PIL import Image
 
 from oodlab.datapipes import beton
 from oodlab.datapipes.beton import BetonError, ImageOptions
-from oodlab.datapipes.sources import ArraySource, ImageSource, SourceError, open_source
+from oodlab.datapipes.sources import ArraySource, ImageSource, open_source
 from oodlab.datapipes.verify import verify
 from oodlab.datapipes.writer import WriteError
 

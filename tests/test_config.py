@@ -17,8 +17,11 @@ def load_demo(*overrides: str) -> config.Config:
 
 def test_example_configs_load():
     for path in sorted(DEMO.parent.glob("*.yaml")):
-        cfg = config.load(path)
-        assert cfg.stages, path
+        if "init: /shared/" in path.read_text():  # starts from a cluster checkpoint: absent here, and an error
+            with pytest.raises(config.ConfigError, match="nor an existing checkpoint file"):
+                config.load(path)
+        else:
+            assert config.load(path).stages, path
 
 
 @pytest.mark.parametrize(
@@ -85,4 +88,4 @@ def test_flatten_gives_mlflow_params():
     flat = config.flatten(config.to_dict(load_demo()))
     assert flat["stages.um.forget.estimate"] == "estimate"
     assert flat["ray.num_workers"] == 2
-    assert flat["model.kwargs"] == {}
+    assert flat["model.kwargs.zero_init_last"] is False

@@ -6,9 +6,11 @@ FFCV JIT-compiles every pipeline (1-7 s here): loaders are built once per module
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -125,7 +127,7 @@ def test_loader_spec_checks_and_missing_file(tmp_path):
         LoaderSpec(tmp_path / "a.beton", 8, order="quasi_random", distributed=True)
     with pytest.raises(FileNotFoundError, match="oodlab data"):
         build_loader(DEMO, LoaderSpec(tmp_path / "a.beton", 8))
-    assert cpu_budget(1) == 1 and 1 <= cpu_budget(1000) <= len(__import__("os").sched_getaffinity(0))
+    assert cpu_budget(1) == 1 and 1 <= cpu_budget(1000) <= len(os.sched_getaffinity(0))
 
 
 # ---------------------------------------------------------------- 2 Ray Train workers
@@ -136,7 +138,6 @@ TRAIN_EPOCHS = 2
 
 def observe_shards(config: dict) -> None:
     """Ray Train worker: read every loader distributed, write what this rank saw to <out>/<rank>.json."""
-    import numba
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
@@ -201,5 +202,7 @@ def test_distributed_loaders_cover_every_sample_once_across_two_ray_workers(ray_
         assert len(union) - len(set(union)) <= -SHARD_N % WORLD  # only the padding may repeat
     assert seen[0]["train"][0] != seen[0]["train"][1]
 
-    # Threads: Ray gave each worker 1 CPU, so FFCV's numba pool is capped at 1 although 4 were asked for.
+    # Threads: Ray gave each worker 1 CPU, so FFCV's numba pool is capped at 1 although 4 were asked for;
+    # the driver (Ray initialised, no assignment) keeps its own CPU count.
     assert all(s["budget"] == s["loader_threads"] == s["numba_threads"] == 1 for s in seen)
+    assert cpu_budget(4) == min(4, len(os.sched_getaffinity(0)), numba.config.NUMBA_NUM_THREADS)
