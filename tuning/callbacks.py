@@ -28,7 +28,8 @@ class StatusLine(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         last = trial.last_result or {}
         done, planned = last.get("training_iteration", 0), self.planned(trial.config)
-        how = f"finished {planned} epochs" if done >= planned else f"stopped early by the scheduler after {done}/{planned} epochs"
+        how = (f"finished {planned} epochs" if done >= planned
+               else f"stopped early by the scheduler after {done}/{planned} epochs")
         value = f", objective {last['objective']:.2f}" if "objective" in last else ""
         print(f"[sweep] {trial.trial_id} {how}{value}  ({self.ended(trials, trial)}/{self.total} trials ended)", flush=True)
 

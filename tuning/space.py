@@ -64,10 +64,8 @@ def sampled_config(raw: dict[str, Any], params: Mapping[str, Any]) -> Config:
 def check_space(cfg: Config, raw: dict[str, Any] | None = None) -> None:
     """Fail before Ray starts if a key names no setting of `cfg` or a bound / value makes an invalid config.
 
-    `raw` is the dict trials start from (default: `cfg` itself).
+    `cfg` has a search section; `raw` is the dict trials start from (default: `cfg` itself).
     """
-    if cfg.search is None:
-        raise ConfigError("search: this config has no search section; add search.space (see configs/demo_sweep.yaml)")
     raw = to_dict(cfg) if raw is None else raw
     for key, dist in cfg.search.space.items():
         check_path(raw, key)
@@ -82,12 +80,14 @@ def check_path(raw: dict[str, Any], key: str) -> None:
     """`key` must name an existing setting: no new stages or sections appear by a typo."""
     parts = key.split(".")
     if parts[0] in FIXED_FOR_THE_SWEEP:
-        raise ConfigError(f"search.space: '{key}' cannot be searched; {', '.join(FIXED_FOR_THE_SWEEP)} are fixed for a sweep")
+        raise ConfigError(f"search.space: '{key}' cannot be searched; "
+                          f"{', '.join(FIXED_FOR_THE_SWEEP)} are fixed for a sweep")
     node: Any = raw
     for depth, part in enumerate(parts):
         where = ".".join(parts[:depth]) or "the config"
         if node is None:
-            raise ConfigError(f"search.space: '{key}': '{where}' is not set in this config; add the section to search inside it")
+            raise ConfigError(f"search.space: '{key}': '{where}' is not set in this config; "
+                              "add the section to search inside it")
         if not isinstance(node, dict):
             raise ConfigError(f"search.space: '{key}': '{where}' is a value, not a section")
         if part not in node:

@@ -138,7 +138,7 @@ def text(result: SweepResult, cfg: Config, config_path: str | Path, cli_override
              if search.max_id_acc_drop is not None else "")
     lines = [f"\nSweep {result.name}: {result.ended}/{result.expected} trials ended ({counts['done']} done, "
              f"{counts['stopped']} stopped early, {counts['error']} failed); objective {search.metric} "
-             f"({search.mode}){bound}",
+             f"({search.mode}){bound}; best: among the trials that trained every epoch",
              trials_markdown(result.rows, list(search.space), search.metric, result.best)]
     if result.interrupted:
         lines.append("Interrupted: rerun the same command to resume (finished trials are kept, not rerun).")

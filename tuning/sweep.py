@@ -68,34 +68,43 @@ def run(cfg: Config, restart: bool = False) -> summary.SweepResult:
     check_space(cfg, base)
     check_objective(cfg)
     get_benchmark(cfg.data.benchmark).require(cfg.data.root)
+    resumed = previous_state(cfg, restart)
     ensure_ray(cfg.ray)
     concurrency = max_concurrent_trials(ray.cluster_resources(), cfg)
-    state = open_state(cfg, restart, concurrency)
+    state = resumed or new_state(cfg, concurrency)
     results = tuner(cfg, base, state, concurrency).fit()
     return finish(cfg, base, state, results)
 
 
-def open_state(cfg: Config, restart: bool, concurrency: int) -> SweepState:
-    """The sweep's parent MLflow run: reused when resuming, created (with the config) when starting."""
-    folder, uri = sweep_folder(cfg), cfg.mlflow.tracking_uri
-    path = folder / "sweep.json"
+def previous_state(cfg: Config, restart: bool) -> SweepState | None:
+    """The state of an earlier run of this sweep, to resume (it must have had the same config); None if none.
+
+    With `restart`, an earlier sweep is moved aside first.
+    """
+    folder = sweep_folder(cfg)
     if restart and folder.exists():
         retire(cfg, folder)
-    if path.is_file():
-        state = SweepState(**json.loads(path.read_text()))
-        now, then = flatten(to_dict(cfg)), flatten(state.config)
-        changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
-        if changed:
-            raise ConfigError(f"sweep '{cfg.name}' was started with another config (differs in: {', '.join(changed)}); "
-                              "rerun with --restart, or give it another name")
-        return state
+    if not (folder / "sweep.json").is_file():
+        return None
+    state = SweepState(**json.loads((folder / "sweep.json").read_text()))
+    now, then = flatten(to_dict(cfg)), flatten(state.config)
+    changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+    if changed:
+        raise ConfigError(f"sweep '{cfg.name}' was started with another config (differs in: {', '.join(changed)}); "
+                          "rerun with --restart, or give it another name")
+    return state
+
+
+def new_state(cfg: Config, concurrency: int) -> SweepState:
+    """A new sweep: its MLflow parent run, with the config as params and as config.yaml."""
+    uri = cfg.mlflow.tracking_uri
     run_id = tracking.start_run(uri, cfg.mlflow.experiment, cfg.name, {"oodlab.kind": "sweep", "oodlab.sweep": cfg.name})
     logger = tracking.RunLogger(uri, run_id)
     logger.params(flatten(to_dict(cfg)) | {"sweep.max_concurrent_trials": concurrency,
                                             "sweep.trial_driver_cpus": TRIAL_DRIVER_CPUS})
     logger.text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
     state = SweepState(run_id, to_dict(cfg))
-    write_text(path, json.dumps(asdict(state), indent=1))
+    write_text(sweep_folder(cfg) / "sweep.json", json.dumps(asdict(state), indent=1))
     return state
 
 
@@ -194,7 +203,8 @@ def log_sweep(cfg: Config, result: summary.SweepResult) -> None:
     logger = tracking.RunLogger(uri, result.parent_run_id)
     logger.text(summary.trials_csv(result.rows, keys, search.metric), "trials.csv")
     logger.text(summary.trials_markdown(result.rows, keys, search.metric, result.best), "trials.md")
-    logger.figure(summary.objective_figure(result.rows, search.space, result.best, search.metric, search.mode), "objective.png")
+    figure = summary.objective_figure(result.rows, search.space, result.best, search.metric, search.mode)
+    logger.figure(figure, "objective.png")
     if result.best is not None:
         logger.text(summary.best_config_yaml(cfg, result.best.params), "best_config.yaml")
         logger.tags({"oodlab.best_trial": result.best.trial_id, "oodlab.best_run_id": result.best_run_id})

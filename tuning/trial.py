@@ -5,9 +5,11 @@ MLflow under the sweep's run. Only the tuned stage reports to Tune, through `Val
 pipeline state lives under the sweep's trials folder, named `<sweep>.<trial id>`, so a trial that Tune
 restarts after an interrupted sweep skips its finished stages and resumes the current one.
 
-Ray Train's own cleanup of a killed run's worker placement group needs Ray's state API (the dashboard);
-so rank 0 notes the group's id in the trial's folder, and the sweep driver releases what a stopped trial
-left (`release_placement_groups`).
+When Tune stops a trial early, the trial's actor dies and with it the Train controller it owns, but the
+workers' placement group outlives them (a group lives until its creator and its job are gone), and Ray
+Train's own cleaner needs Ray's state API (the dashboard, off in local runs): the leaked CPUs would starve
+every later trial. So rank 0 notes its group's id in the trial's folder, and the sweep driver releases
+what a stopped trial left (`release_placement_groups`).
 """
 
 from __future__ import annotations
