@@ -137,7 +137,7 @@ def label_histogram(counts: dict[int, int], width: int = 40) -> list[str]:
     if not counts:
         return ["  labels: none"]
     if list(counts) == [-1]:
-        return [f"  labels: all -1 (unlabeled OOD set)"]
+        return ["  labels: all -1 (unlabeled OOD set)"]
     if len(counts) > _LISTED_LABELS:
         values = np.array(list(counts.values()))
         lo, hi = min(counts, key=counts.get), max(counts, key=counts.get)

@@ -42,9 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser("train", help="run (or resume) the stages of a config on Ray")
-    train.add_argument("config", type=Path)
-    train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. stages.train.epochs=3")
-    train.add_argument("--restart", action="store_true", help="run every stage again instead of resuming")
+    _config_arguments(train, "stages.train.epochs=3", "run every stage again instead of resuming")
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="score a checkpoint with every post-hoc score and print the table")
@@ -55,9 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     tune = sub.add_parser("tune", help="Ray Tune sweep over the config's search space (rerun to resume it)")
-    tune.add_argument("config", type=Path)
-    tune.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. search.num_samples=8")
-    tune.add_argument("--restart", action="store_true", help="start the sweep afresh instead of resuming it")
+    _config_arguments(tune, "search.num_samples=8", "start the sweep afresh instead of resuming it")
     tune.set_defaults(func=cmd_tune)
 
     ui = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 against the configured store")
@@ -67,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     ui.set_defaults(func=cmd_ui)
     add_data_commands(sub)
     return parser
+
+
+def _config_arguments(parser: argparse.ArgumentParser, example: str, restart_help: str) -> None:
+    parser.add_argument("config", type=Path)
+    parser.add_argument("overrides", nargs="*", help=f"key.sub=value overrides, e.g. {example}")
+    parser.add_argument("--restart", action="store_true", help=restart_help)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

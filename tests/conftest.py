@@ -42,23 +42,25 @@ def demo_root(tmp_path_factory) -> Path:
     return root
 
 
+def tiny_raw(tmp: Path, data_root: Path) -> dict:
+    """A tiny raw config on the demo data: 2 workers, tiny model, sqlite store and checkpoints under `tmp`."""
+    return {
+        "name": "t",
+        "data": {"benchmark": "demo", "root": str(data_root), "batch_size": 64, "eval_batch_size": 256},
+        "model": {"name": "resnet_tiny_cifar"},
+        "eval": {"scores": ["msp", "energy"], "final_scores": ["msp", "energy", "featnorm"]},
+        "ray": {"num_workers": 2, "cpus_per_worker": 1, "storage_path": str(tmp / "runs")},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "test"},
+        "stages": {"train": {"epochs": 2, "lr": 0.05}},
+    }
+
+
 @pytest.fixture
 def make_config(tmp_path, demo_root):
-    """Build a validated tiny config on the demo data: 2 workers, a sqlite store in tmp_path."""
+    """Build a validated tiny config with the given stages."""
     from oodlab import config
 
-    def make(stages: dict, **sections) -> config.Config:
-        raw = {
-            "name": "t",
-            "data": {"benchmark": "demo", "root": str(demo_root), "batch_size": 64, "eval_batch_size": 256},
-            "model": {"name": "resnet_tiny_cifar"},
-            "eval": {"scores": ["msp", "energy"], "final_scores": ["msp", "energy", "featnorm"]},
-            "ray": {"num_workers": 2, "cpus_per_worker": 1, "storage_path": str(tmp_path / "runs")},
-            "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "test"},
-            "stages": stages,
-        }
-        for key, value in sections.items():
-            raw[key] = {**raw.get(key, {}), **value}
-        return config.validate(raw, tmp_path)
+    def make(stages: dict) -> config.Config:
+        return config.validate({**tiny_raw(tmp_path, demo_root), "stages": stages}, tmp_path)
 
     return make

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_raw
 from mlflow.tracking import MlflowClient
 
 from oodlab import config
@@ -30,15 +31,7 @@ ALL_SCORES = ["msp", "maxlogit", "energy", "odin", "react", "ash", "knn", "mahal
 def trained(tmp_path_factory, demo_root):
     """One 2-epoch, 2-worker training run shared by the tests below; its config saved as YAML."""
     tmp = tmp_path_factory.mktemp("pipeline")
-    raw = {
-        "name": "t",
-        "data": {"benchmark": "demo", "root": str(demo_root), "batch_size": 64},
-        "model": {"name": "resnet_tiny_cifar"},
-        "eval": {"scores": ["msp", "energy"], "final_scores": ["msp", "energy", "featnorm"]},
-        "ray": {"num_workers": 2, "cpus_per_worker": 1, "storage_path": str(tmp / "runs")},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "test"},
-        "stages": {"train": {"epochs": 2, "lr": 0.05}},
-    }
+    raw = tiny_raw(tmp, demo_root)
     path = tmp / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))
     cfg = config.load(path)

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
+from conftest import tiny_raw
 from mlflow.tracking import MlflowClient
 
 from oodlab import cli, config
@@ -32,12 +33,8 @@ TEST_KEY = re.compile(r"^(id_acc|ood/[^/]+/(?!val/)[^/]+/[^/]+)$")  # ID test ac
 
 def base_raw(tmp: Path, data_root: Path, search: dict | None = None, stages: dict | None = None) -> dict:
     return {
+        **tiny_raw(tmp, data_root),
         "name": "tiny",
-        "data": {"benchmark": "demo", "root": str(data_root), "batch_size": 64, "eval_batch_size": 256},
-        "model": {"name": "resnet_tiny_cifar"},
-        "eval": {"scores": ["msp", "energy"], "final_scores": ["msp", "energy", "featnorm"]},
-        "ray": {"num_workers": 2, "cpus_per_worker": 1, "storage_path": str(tmp / "runs")},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "test"},
         "stages": stages or {"train": {"epochs": 2, "lr": 0.05, "background": {"weight": 0.1}}},
         "search": search or {
             "space": {"stages.train.lr": {"dist": "loguniform", "low": 0.01, "high": 0.3},
