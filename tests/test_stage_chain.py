@@ -78,7 +78,9 @@ def test_um_umap_background_chain(make_config):
     # The background stage logs its term and the norms of selected vs unselected positions.
     bg = runs["bg"].data.metrics
     assert bg["train/bg_selected_fraction"] == pytest.approx(0.5)  # `lowest` with ratio 0.5 on 4x4 maps: 8 of 16
-    assert bg["train/bg_term"] > 0 and bg["train/bg_norm_selected"] < bg["train/bg_norm_unselected"]
+    assert bg["train/bg_term"] > 0 and bg["train/bg_norm_unselected"] > 0
+    assert bg["train/bg_term"] == pytest.approx(bg["train/bg_norm_selected"], rel=1e-5)  # `l2`: the term is that mean
+    assert {"featnorm_mean/id_test", "featnorm_mean/photos"} <= set(state.stages["bg"].metrics)
 
     # The eval stage scores the UMAP checkpoint with every final score.
     final = state.stages["final"].metrics
