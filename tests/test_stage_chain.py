@@ -85,4 +85,6 @@ def test_um_umap_background_chain(make_config):
     # The eval stage scores the UMAP checkpoint with every final score.
     final = state.stages["final"].metrics
     assert {"ood/featnorm/all/auroc", "ood/msp/val/fpr95", "id_acc"} <= set(final)
-    assert final["id_acc"] == pytest.approx(state.stages["umap"].metrics["id_acc"], abs=1e-6)
+    # Same weights, W*M baked in vs applied per forward: float rounding may flip a near-tied argmax of this
+    # barely trained net, so allow two of the 540 test images.
+    assert final["id_acc"] == pytest.approx(state.stages["umap"].metrics["id_acc"], abs=2 * 100 / 540 + 1e-9)
