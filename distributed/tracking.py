@@ -52,10 +52,6 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(tracking_uri).set_terminated(run_id, status)
 
 
-def run_is_finished(tracking_uri: str, run_id: str) -> bool:
-    return client(tracking_uri).get_run(run_id).info.status == "FINISHED"
-
-
 class RunLogger:
     """Logs to one existing run. Create it on rank 0 only."""
 
