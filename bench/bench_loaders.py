@@ -54,9 +54,12 @@ def epoch_rate(loader: Iterable) -> float:
 
 
 def ffcv_bench(size: int):
-    from oodlab.datapipes.benchmarks import IMAGENET_MEAN, IMAGENET_STD, Benchmark
+    from dataclasses import replace
 
-    return Benchmark(f"bench{size}", CLASSES, size, IMAGENET_MEAN, IMAGENET_STD, (), (), train_crop="rrc")
+    from oodlab.datapipes.benchmarks import get_benchmark
+
+    imagenet = get_benchmark("imagenet1k")  # its pipelines (random-resized crop, flip) at `size`
+    return replace(imagenet, spec=imagenet.spec.model_copy(update={"image_size": size}), num_classes=CLASSES)
 
 
 def ffcv_loader(path: Path, size: int, batch: int, workers: int):
@@ -75,10 +78,11 @@ def fallback_loader(folder: Path, size: int, batch: int, workers: int):
 def torchvision_loader(folder: Path, size: int, batch: int, workers: int):
     from torchvision import datasets, transforms
 
-    from oodlab.datapipes.benchmarks import IMAGENET_MEAN, IMAGENET_STD
+    from oodlab.datapipes.benchmarks import get_benchmark
 
+    imagenet = get_benchmark("imagenet1k")
     pipeline = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
-                                   transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                                   transforms.ToTensor(), transforms.Normalize(imagenet.mean, imagenet.std)])
     dataset = datasets.ImageFolder(str(folder), transform=pipeline)
     return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers)
 

@@ -1,6 +1,6 @@
 """All nine post-hoc scores from one cached inference pass vs one inference pass per score.
 
-Runs on the demo benchmark's real .beton files (written to a temp folder if --root is not given),
+Runs on the digits benchmark's real .beton files (written to a temp folder if --root is not given),
 single process, CPU or GPU. Prints seconds for both ways and the ratio (higher = caching wins).
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from oodlab.datapipes.benchmarks import get_benchmark
-from oodlab.datapipes.demo import ensure_demo_data
+from oodlab.datapipes.build import build
 from oodlab.datapipes.loaders import LoaderSpec, build_loader
 from oodlab.distributed.evaluate import local_outputs
 from oodlab.models import FeatureNet, create_model
@@ -25,14 +25,14 @@ CACHED = ["msp", "maxlogit", "energy", "react", "ash", "knn", "mahalanobis", "fe
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--root", type=Path, help="data root holding demo/*.beton (default: write to a temp dir)")
+    parser.add_argument("--root", type=Path, help="data root holding digits/*.beton (default: write to a temp dir)")
     parser.add_argument("--model", default="resnet18_cifar")
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp())
-    ensure_demo_data(root)
+    bench = get_benchmark("digits")
+    build(bench, root)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bench = get_benchmark("demo")
     torch.manual_seed(0)
     net = FeatureNet(create_model(args.model, num_classes=bench.num_classes)).to(device).eval()
     loaders = {s: build_loader(bench, LoaderSpec(bench.path(root, s), args.batch_size, device=device))

@@ -1,47 +1,224 @@
-"""Named OOD benchmarks: which sets are ID train/val/test, near-OOD, far-OOD and OOD validation.
+"""Benchmarks as data: a YAML file names the ID train / val / test sets, the OOD validation set and the
+OOD test sets in groups. `load_benchmark(ref)` takes a built-in name (a YAML shipped in
+`builtin_benchmarks/`) or the path of the user's own YAML; both go through the same schema.
 
-Files are .beton files under the data root, named `<split>.beton` inside a folder per benchmark
-(`<root>/<benchmark>/<split>.beton`). The OOD validation set is the only OOD data any tuning may see.
+```yaml
+name: mybench                # folder <root>/<name>/ and MLflow tags
+image_size: 32               # every set is resized (shorter side) + center-cropped to this
+id:
+  train: id/train            # a source (see SourceSpec); relative paths: relative to the YAML's folder
+  test: id/test
+  val: 0.1                   # a source, or the fraction of train held out (stratified, deterministic)
+ood:
+  val: ood_val               # the OOD validation set: the only OOD data any tuning may see
+  near: {mnist59: near/mnist59}
+  far: {textures: far/textures}
+```
+
+Built files live at `<root>/<name>/<split>.beton`; `<root>/<name>/benchmark.json` records the class
+count and the pixel mean / std computed from id.train when the YAML gives none (`oodlab data build`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Annotated, Any, Literal, Union
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+import yaml
+from pydantic import BeforeValidator, Discriminator, Field, Tag, ValidationError, model_validator
 
+from oodlab.config import Config, Section, describe_errors
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin_benchmarks"
 ID_SPLITS = ("id_train", "id_val", "id_test")
 OOD_VAL = "ood_val"
+RESERVED_GROUPS = ("all", "val")  # metric names ood/<score>/all|val/... are taken
+STATS_FILE = "benchmark.json"
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+Unit = Annotated[float, Field(gt=0, le=1)]
+
+
+class BenchmarkError(ValueError):
+    """A benchmark YAML is malformed or inconsistent; the message names the key or path and the fix."""
+
+
+class SourceSpec(Section):
+    """One set's images. Exactly one of `path` (a class folder, flat folder, image list .txt, CIFAR
+    pickles folder, SVHN .mat, .npz or IDX file), `package` (real images a PyPI package ships, see
+    `oodlab.datapipes.packaged`) or `crops` (random crops of scikit-image's sample pictures)."""
+
+    path: str | None = None
+    package: str | None = None
+    crops: list[str] | None = None
+    split: Literal["train", "test"] | None = None  # CIFAR pickles and packages: which official split
+    labels: str | None = None  # IDX: the labels file (default: beside the images, official naming)
+    only_labels: list[int] | None = None  # keep the samples with these labels (e.g. MNIST digits 5-9)
+    limit: Annotated[int, Field(gt=0)] | None = None  # a deterministic subset: the first N of a seeded shuffle
+    count: Annotated[int, Field(gt=0)] = 300  # crops: how many
+    scale: tuple[Unit, Unit] = (0.06, 0.3)  # crops: side as a fraction of the picture's shorter side
+    invert: bool = False  # crops: 255 - pixels (dark ink on light paper -> light on dark)
+
+    def shares_data_with(self, other: SourceSpec) -> bool:
+        """Same file or folder (or one inside the other), same packaged set, or a scikit-image picture in common."""
+        if self.path and other.path:
+            a, b = (Path(p).expanduser() for p in (self.path, other.path))
+            return a == b or a in b.parents or b in a.parents
+        if self.package and other.package:
+            return self.package == other.package and self.split == other.split
+        return bool(self.crops and other.crops and set(self.crops) & set(other.crops))
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SourceSpec:
+        kinds = [k for k in ("path", "package", "crops") if getattr(self, k)]
+        if len(kinds) != 1:
+            raise ValueError("set exactly one of path, package or crops (a string is a path)")
+        if self.scale[0] > self.scale[1]:
+            raise ValueError("scale: [low, high] needs low <= high")
+        return self
+
+
+def _as_source(value: Any) -> Any:
+    return {"path": value} if isinstance(value, str) else value
+
+
+Source = Annotated[SourceSpec, BeforeValidator(_as_source)]
+
+
+class HeldOut(Section):
+    """ID validation carved out of another ID split: per class min(cap, ceil(fraction * count)) samples."""
+
+    fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    of: Literal["train", "test"] = "train"  # test: for pretrained weights that saw all of train (ImageNet)
+    cap_per_class: Annotated[int, Field(gt=0)] | None = None
+
+
+def _val_kind(value: Any) -> str:
+    held = isinstance(value, (int, float)) or isinstance(value, HeldOut) or (isinstance(value, dict) and "fraction" in value)
+    return "held_out" if held else "source"
+
+
+def _as_held_out(value: Any) -> Any:
+    return {"fraction": value} if isinstance(value, (int, float)) else value
+
+
+IdVal = Annotated[Union[Annotated[HeldOut, BeforeValidator(_as_held_out), Tag("held_out")], Annotated[Source, Tag("source")]],
+                  Discriminator(_val_kind)]
+
+
+class IdSpec(Section):
+    train: Source
+    test: Source
+    val: IdVal = HeldOut()
+
+
+class OodSpec(Section, extra="allow"):
+    """`val` plus any number of named groups, each a mapping of set name -> source."""
+
+    val: Source
+    val_overlaps: list[str] = []  # test sets that share data with `val`: marked, and left out of every average
+    __pydantic_extra__: dict[str, dict[Name, Source]]
+
+
+class WriteSpec(Section):
+    mode: Literal["raw", "jpg"] = "raw"
+    max_resolution: Annotated[int, Field(ge=8)] | None = None  # longest side stored (with square: false)
+    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 90
+    square: bool = True  # resize + center-crop to image_size when writing; false: crop when loading (ImageNet)
+
+
+class BenchmarkSpec(Section):
+    name: Name
+    image_size: Annotated[int, Field(ge=8)]
+    id: IdSpec
+    ood: OodSpec
+    num_classes: Annotated[int, Field(gt=0)] | None = None  # default: the class count of id.train
+    mean: tuple[float, float, float] | None = None  # 0..1 scale; default: computed from id.train at build time
+    std: tuple[Unit, Unit, Unit] | None = None
+    augment: Literal["pad-crop", "random-resized-crop", "flip", "none"] = "pad-crop"  # train-time augmentation
+    eval_crop: Unit = 1.0  # center-crop fraction of the shorter side at evaluation (ImageNet: 0.875)
+    color: Literal["rgb", "gray"] = "rgb"  # gray: every set is converted to grayscale (3 equal channels)
+    write: WriteSpec = WriteSpec()
+    about: str = ""  # one line for humans: where the data comes from
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BenchmarkSpec:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean: give both mean and std, or neither (then both are computed from id.train)")
+        seen: dict[str, str] = {}
+        for group, sets in self.groups().items():
+            if group in RESERVED_GROUPS:
+                raise ValueError(f"ood.{group}: '{group}' is reserved for the averages; name the group differently")
+            if not isinstance(sets, dict) or not sets:
+                raise ValueError(f"ood.{group}: a group maps set names to sources, e.g. {group}: {{myset: path/to/images}}")
+            for name in sets:
+                if name in seen or name in (*ID_SPLITS, OOD_VAL):
+                    where = f"ood.{seen[name]}.{name}" if name in seen else "the reserved split names"
+                    raise ValueError(f"ood.{group}.{name}: set name used twice (also in {where}); every set needs its "
+                                     "own name: it names the file <root>/<name>/<set>.beton")
+                seen[name] = group
+        if not seen:
+            raise ValueError("ood: no OOD test sets; add a group, e.g. far: {textures: path/to/textures}")
+        unknown = [s for s in self.ood.val_overlaps if s not in seen]
+        if unknown:
+            raise ValueError(f"ood.val_overlaps: {unknown} are not OOD test sets of this benchmark ({sorted(seen)})")
+        for name, group in seen.items():
+            if name not in self.ood.val_overlaps and self.ood.val.shares_data_with(self.groups()[group][name]):
+                raise ValueError(f"ood.val: the OOD validation set shares its source with the test set ood.{group}.{name}; "
+                                 "tuning on it would flatter that test set. Use disjoint data, or declare "
+                                 f"`val_overlaps: [{name}]` under ood (reports then leave {name} out of every average)")
+        return self
+
+    def groups(self) -> dict[str, dict[str, SourceSpec]]:
+        return dict(self.ood.__pydantic_extra__ or {})
 
 
 @dataclass(frozen=True)
 class Benchmark:
-    name: str
-    num_classes: int
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    near: tuple[str, ...]
-    far: tuple[str, ...]
-    train_crop: str = "pad"  # "pad": pad-4 random crop (CIFAR); "rrc": random-resized crop (ImageNet)
-    eval_crop_ratio: float = 1.0  # center crop fraction before resizing (ImageNet: 224/256)
-    notes: dict[str, str] = field(default_factory=dict)  # per-split hint: what the user should provide
+    """A loaded benchmark: its spec, where relative source paths start, and what loaders and reports need."""
+
+    spec: BenchmarkSpec
+    ref: str  # what the user wrote: a built-in name or a YAML path
+    base: Path | None  # folder that relative source paths are relative to (None: built-ins, given by --root)
+    num_classes: int | None = None  # None until known: from the YAML or the built files
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def image_size(self) -> int:
+        return self.spec.image_size
+
+    @property
+    def augment(self) -> str:
+        return self.spec.augment
+
+    @property
+    def eval_crop_ratio(self) -> float:
+        return self.spec.eval_crop
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """Group -> the OOD test sets averaged into it (sets that overlap the OOD validation set are left out)."""
+        return {g: [s for s in sets if s not in self.val_overlaps] for g, sets in self.spec.groups().items()}
+
+    @property
+    def val_overlaps(self) -> tuple[str, ...]:
+        return tuple(self.spec.ood.val_overlaps)
 
     @property
     def ood_test(self) -> tuple[str, ...]:
-        return self.near + self.far
+        return tuple(s for sets in self.spec.groups().values() for s in sets)
 
     @property
     def splits(self) -> tuple[str, ...]:
         return (*ID_SPLITS, OOD_VAL, *self.ood_test)
-
-    @property
-    def groups(self) -> dict[str, list[str]]:
-        return {"near": list(self.near), "far": list(self.far)}
 
     def path(self, root: Path, split: str) -> Path:
         if split not in self.splits:
@@ -51,40 +228,101 @@ class Benchmark:
     def missing(self, root: Path) -> list[str]:
         return [s for s in self.splits if not self.path(root, s).is_file()]
 
+    def build_command(self, root: Path) -> str:
+        data = " --root YOUR_DATA" if self.base is None and self.needs_root() else ""
+        return f"oodlab data build {self.ref}{data} --out {root}"
+
+    def needs_root(self) -> bool:
+        """True when some source is a relative path (built-ins: relative to the user's --root)."""
+        return any(s.path and not Path(s.path).expanduser().is_absolute() for _, _, s in source_specs(self.spec))
+
     def require(self, root: Path) -> None:
-        """Raise FileNotFoundError listing every missing .beton and how to build it."""
+        """Raise FileNotFoundError listing every missing .beton and the command that builds them."""
         missing = self.missing(root)
         if missing:
-            lines = [f"  {self.path(root, s)}  ({self.notes.get(s, 'an image folder of this set')})" for s in missing]
-            raise FileNotFoundError(
-                f"data.root: benchmark '{self.name}' is missing {len(missing)} file(s):\n" + "\n".join(lines)
-                + f"\nBuild them with `oodlab data benchmark {self.name} --root YOUR_DATA --out {root}` "
-                "(`oodlab demo` for the demo), or one by one with `oodlab data write SOURCE OUT.beton`."
-            )
+            lines = [f"  {self.path(root, s)}" for s in missing]
+            raise FileNotFoundError(f"data.root: benchmark '{self.name}' is missing {len(missing)} file(s):\n"
+                                    + "\n".join(lines) + f"\nBuild them with `{self.build_command(root)}`.")
 
 
-BENCHMARKS: dict[str, Benchmark] = {
-    "demo": Benchmark(
-        "demo", 10, 32, CIFAR_MEAN, CIFAR_STD, near=("letters",), far=("textures", "photos"),
-        notes={"id_train": "written by `oodlab demo`"},
-    ),
-    "cifar10": Benchmark(
-        "cifar10", 10, 32, CIFAR_MEAN, CIFAR_STD, near=("cifar100", "tin"), far=("mnist", "svhn", "textures", "places365"),
-        notes={"id_val": "held-out part of the CIFAR-10 train set", OOD_VAL: "TinyImageNet val classes disjoint from tin"},
-    ),
-    "cifar100": Benchmark(
-        "cifar100", 100, 32, CIFAR_MEAN, CIFAR_STD, near=("cifar10", "tin"), far=("mnist", "svhn", "textures", "places365"),
-        notes={"id_val": "held-out part of the CIFAR-100 train set", OOD_VAL: "TinyImageNet val classes disjoint from tin"},
-    ),
-    "imagenet1k": Benchmark(
-        "imagenet1k", 1000, 224, IMAGENET_MEAN, IMAGENET_STD, near=("ssb_hard", "ninco"),
-        far=("inaturalist", "textures", "openimage_o"), train_crop="rrc", eval_crop_ratio=224 / 256,
-        notes={"id_val": "a held-out subset of ImageNet-1k train", OOD_VAL: "OpenImage-O val split"},
-    ),
-}
+def source_specs(spec: BenchmarkSpec) -> list[tuple[str, str, SourceSpec]]:
+    """(split, YAML key, source) for every split read from a source of its own (a held-out id_val is not)."""
+    found = [("id_train", "id.train", spec.id.train), ("id_test", "id.test", spec.id.test)]
+    if isinstance(spec.id.val, SourceSpec):
+        found.append(("id_val", "id.val", spec.id.val))
+    found.append((OOD_VAL, "ood.val", spec.ood.val))
+    return found + [(name, f"ood.{group}.{name}", src) for group, sets in spec.groups().items() for name, src in sets.items()]
 
 
-def get_benchmark(name: str) -> Benchmark:
-    if name not in BENCHMARKS:
-        raise ValueError(f"data.benchmark: unknown benchmark '{name}'; known: {', '.join(BENCHMARKS)}")
-    return BENCHMARKS[name]
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+
+
+def is_yaml_ref(ref: str) -> bool:
+    return ref.endswith((".yaml", ".yml"))
+
+
+def parse(raw: Any, where: str) -> BenchmarkSpec:
+    """Validate a benchmark document; BenchmarkError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise BenchmarkError(f"{where}: the top level must be a mapping (name, image_size, id, ood, ...)")
+    try:
+        return BenchmarkSpec.model_validate(raw)
+    except ValidationError as err:
+        raise BenchmarkError(f"invalid benchmark {where}:\n" + describe_errors(err, BenchmarkSpec)) from None
+
+
+def get_benchmark(ref: str | Path, root: Path | None = None) -> Benchmark:
+    """A built-in name or a YAML path -> Benchmark; with `root`, class count and pixel stats of built files are read."""
+    ref = str(ref)
+    if is_yaml_ref(ref):
+        path = Path(ref).expanduser()
+        if not path.is_file():
+            raise BenchmarkError(f"data.benchmark: benchmark file {path} does not exist; built-ins: {', '.join(builtin_names())}")
+        base: Path | None = path.resolve().parent
+    else:
+        path = BUILTIN_DIR / f"{ref}.yaml"
+        if not path.is_file():
+            raise BenchmarkError(f"data.benchmark: unknown benchmark '{ref}'; built-ins: {', '.join(builtin_names())}, "
+                                 "or the path of your own benchmark .yaml")
+        base = None
+    bench = from_dict(yaml.safe_load(path.read_text()), ref, base, where=str(path))
+    return with_built_stats(bench, root) if root is not None else bench
+
+
+def from_dict(raw: Any, ref: str, base: Path | None = None, where: str | None = None) -> Benchmark:
+    """A Benchmark from an already-parsed YAML document."""
+    spec = parse(raw, where or ref)
+    return Benchmark(spec, ref, base, spec.num_classes, spec.mean, spec.std)
+
+
+def for_config(cfg: Config) -> Benchmark:
+    """The config's benchmark with its built files checked: what the pipeline and sweeps start from.
+
+    Refuses pretrained weights that saw id.train when ID validation is carved out of id.train: the
+    tuning objective and fitted score parameters would then be computed on memorised images.
+    """
+    bench = get_benchmark(cfg.data.benchmark)
+    val = bench.spec.id.val
+    if cfg.model.pretrained and cfg.model.weights_saw_id_train and isinstance(val, HeldOut) and val.of == "train":
+        raise BenchmarkError(
+            f"model.pretrained: the weights were trained on id.train of benchmark '{bench.name}', and its id.val is "
+            "held out of that same train set. Take id.val from data the weights never saw (in the benchmark YAML: "
+            "`val: {fraction: 0.2, of: test}` or a separate source), or set model.weights_saw_id_train=false if "
+            "the weights come from other data")
+    bench.require(cfg.data.root)
+    return with_built_stats(bench, cfg.data.root)
+
+
+def stats_path(bench: Benchmark, root: Path) -> Path:
+    return Path(root) / bench.name / STATS_FILE
+
+
+def with_built_stats(bench: Benchmark, root: Path) -> Benchmark:
+    """Fill in the class count and pixel stats recorded by the build (the YAML's own values win)."""
+    try:
+        built = json.loads(stats_path(bench, root).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return bench
+    return replace(bench, num_classes=bench.num_classes or built["num_classes"],
+                   mean=bench.mean or tuple(built["mean"]), std=bench.std or tuple(built["std"]))

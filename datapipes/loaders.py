@@ -5,7 +5,8 @@ benchmark's mean/std; labels int64 (-1 for OOD sets); on `spec.device`. Both exp
 sample id of the file before sharding), `len(loader)` (batches per epoch on this worker) and a fresh
 epoch on every `iter()`.
 
-Pipelines. Train: random-resized crop (ImageNet) or pad-4 random crop (CIFAR), horizontal flip.
+Pipelines. Train (the benchmark's `augment`): random-resized crop + flip (ImageNet), pad-4 random crop +
+flip (CIFAR), flip only, or none.
 Eval: center crop of `eval_crop_ratio` of the shorter side, resized to the ID resolution (ImageNet:
 224/256, i.e. Resize 256 + CenterCrop 224; CIFAR: the whole 32x32 image). Normalisation is a numba
 lookup table before ToTensor on every device: after ToTensor FFCV 1.0.2's Loader spins forever on CPU
@@ -137,6 +138,9 @@ def cpu_budget(requested: int) -> int:
 
 def pixel_stats(bench: Benchmark) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std on the 0..255 pixel scale, float64 (what NormalizeImage and the fallback both use)."""
+    if bench.mean is None or bench.std is None:
+        raise ValueError(f"benchmark {bench.name}: no pixel mean/std; build its files first ({bench.build_command(Path('ROOT'))}) "
+                         "and load it with get_benchmark(ref, root), or give mean and std in its YAML")
     return np.array(bench.mean) * 255, np.array(bench.std) * 255
 
 
@@ -148,12 +152,13 @@ def normalize_table(bench: Benchmark) -> np.ndarray:
 
 def image_pipeline(bench: Benchmark, spec: LoaderSpec) -> list:
     size = (bench.image_size, bench.image_size)
-    if not spec.augment:
+    if not spec.augment or bench.augment == "none":
         decode = [CenterCropRGBImageDecoder(size, ratio=bench.eval_crop_ratio)]
-    elif bench.train_crop == "rrc":
+    elif bench.augment == "random-resized-crop":
         decode = [RandomResizedCropRGBImageDecoder(size, scale=RRC_SCALE, ratio=RRC_RATIO), RandomHorizontalFlip()]
-    else:  # any stored size is first brought to the ID resolution (identity for 32x32 CIFAR)
-        decode = [CenterCropRGBImageDecoder(size, ratio=1.0), RandomHorizontalFlip(), RandomTranslate(padding=PAD)]
+    else:  # flip, pad-crop: any stored size is first brought to the ID resolution (identity for 32x32 CIFAR)
+        decode = [CenterCropRGBImageDecoder(size, ratio=1.0), RandomHorizontalFlip()]
+        decode += [RandomTranslate(padding=PAD)] if bench.augment == "pad-crop" else []
     if spec.channels_last:  # NHWC memory viewed as NCHW: no copy
         ops = [*decode, NormalizeImage(*pixel_stats(bench), np.float32), ToTensor(), ToTorchImage(channels_last=True)]
     else:

@@ -8,6 +8,7 @@ what the user placed on disk, and fail with errors that name the path and the fi
 
 from __future__ import annotations
 
+import gzip
 import os
 import pickle
 from abc import ABC, abstractmethod
@@ -483,10 +484,56 @@ class SvhnSource(ArraySource):
         self.path = mat_path
 
 
+_IDX_UBYTE = 0x08
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST / Fashion-MNIST format; gzipped if it ends in .gz) as a uint8 array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:
+        raise SourceError(f"IdxSource: cannot read {path}: {err}") from err
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != _IDX_UBYTE:
+        raise SourceError(f"IdxSource: {path} is not an unsigned-byte IDX file (magic {raw[:4].hex()})")
+    ndim = raw[3]
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">i4", count=ndim, offset=4))
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise SourceError(f"IdxSource: {path} declares shape {shape} but holds {data.size} values (truncated?)")
+    return data.reshape(shape)
+
+
+def idx_labels_path(images: Path) -> Path:
+    """train-images-idx3-ubyte(.gz) -> train-labels-idx1-ubyte(.gz), the official naming."""
+    return images.with_name(images.name.replace("images-idx3", "labels-idx1"))
+
+
+class IdxSource(ArraySource):
+    """MNIST-format IDX files: images (N, H, W) uint8 and, beside them, labels (N,) named the official way."""
+
+    def __init__(self, images: str | Path, labels: str | Path | None = None, name: str | None = None,
+                 classes: list[str] | None = None):
+        images = Path(images)
+        if not images.is_file():
+            raise SourceError(f"IdxSource: file {images} does not exist; pass e.g. train-images-idx3-ubyte.gz")
+        labels = Path(labels) if labels is not None else idx_labels_path(images)
+        if labels == images or not labels.is_file():
+            raise SourceError(f"IdxSource: no labels file {labels} beside {images}; pass labels= explicitly")
+        x, y = read_idx(images), read_idx(labels)
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise SourceError(f"IdxSource: images {x.shape} and labels {y.shape} do not match; need (N, H, W) and (N,)")
+        stem = images.name.split("-")[0]
+        super().__init__(x, y.astype(np.int64), name or f"{images.parent.name}-{stem}", classes)
+        self.path = images
+
+
 ACCEPTED_KINDS = (
     "a folder holding cifar-10-batches-py/ or cifar-100-python/ (or one of those folders)",
     "an SVHN .mat file",
     "an .npz with 'images' (and optional 'labels')",
+    "an IDX images file (MNIST format, .gz or raw) with its labels file beside it",
     "a .txt image list ('relative/path label' lines)",
     "a folder of images (class folders, or flat with ood=True)",
 )
@@ -532,4 +579,6 @@ def _open_file(path: Path, **kw) -> ImageSource:
         return ArraySource.from_npz(path, **kw)
     if suffix == ".txt":
         return ImageListSource(path, **kw)
+    if "-idx3-" in path.name:
+        return IdxSource(path, **kw)
     raise SourceError(f"open_source: cannot read {path} (suffix {suffix!r}); pass one of: {'; '.join(ACCEPTED_KINDS)}")

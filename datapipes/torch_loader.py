@@ -76,15 +76,16 @@ class SampleTransform:
     def __call__(self, image: np.ndarray, index: int, epoch: int) -> torch.Tensor:
         size = self.bench.image_size
         h, w = image.shape[:2]
-        if not self.augment:
+        augment = self.bench.augment if self.augment else "none"
+        if augment == "none":
             image = crop_resize(image, center_crop_box(h, w, self.bench.eval_crop_ratio), size)
         else:
             rng = np.random.default_rng([self.seed, epoch, index])
-            box = random_crop_box(h, w, rng) if self.bench.train_crop == "rrc" else center_crop_box(h, w, 1.0)
-            image = crop_resize(image, box, size)
+            rrc = augment == "random-resized-crop"
+            image = crop_resize(image, random_crop_box(h, w, rng) if rrc else center_crop_box(h, w, 1.0), size)
             if rng.random() < 0.5:
                 image = image[:, ::-1]
-            if self.bench.train_crop != "rrc":
+            if augment == "pad-crop":
                 image = translate(image, rng)
         normalised = self.table[image, np.arange(3)]  # (H, W, 3) float32
         return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))

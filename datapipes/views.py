@@ -62,3 +62,33 @@ def held_out_split(labels: np.ndarray, fraction: float, cap_per_class: int,
     val_idx = np.sort(np.concatenate(val)) if val else np.array([], dtype=np.int64)
     train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
     return train_idx, val_idx
+
+
+class GraySource(ImageSource):
+    """`inner`'s images as grayscale (ITU-R 601 luma, PIL's "L"), repeated over 3 channels."""
+
+    def __init__(self, inner: ImageSource):
+        self.inner = inner
+        super().__init__(inner.name, inner.classes, inner.labels, inner.skipped)
+
+    def load(self, index: int) -> np.ndarray:
+        luma = np.asarray(Image.fromarray(self.inner.load(index)).convert("L"))
+        return np.ascontiguousarray(np.repeat(luma[:, :, None], 3, axis=2))
+
+
+def keep_labels(source: ImageSource, labels: list[int]) -> ImageSource:
+    """The samples whose label is in `labels`, relabelled 0..len(labels)-1 in that order (classes follow)."""
+    mapping = {old: new for new, old in enumerate(labels)}
+    indices = np.flatnonzero(np.isin(source.labels, labels))
+    subset = SubsetSource(source, indices, source.name)
+    subset.labels = np.array([mapping[int(v)] for v in subset.labels], dtype=np.int64)
+    subset.classes = [source.classes[old] if old < len(source.classes) else str(old) for old in labels]
+    return subset
+
+
+def first_of_shuffle(source: ImageSource, limit: int, seed: int = 0) -> ImageSource:
+    """A deterministic subset of `limit` samples: the first of a seeded permutation, kept in file order."""
+    if limit >= len(source):
+        return source
+    indices = np.sort(np.random.default_rng(seed).permutation(len(source))[:limit])
+    return SubsetSource(source, indices, source.name)

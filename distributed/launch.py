@@ -13,7 +13,10 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from oodlab.config import Config, RayConfig
+from oodlab.distributed.tracking import tracking_env
 from oodlab.distributed.worker import Job, train_loop_per_worker
+
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
 
 
 @dataclass
@@ -23,12 +26,17 @@ class StageResult:
 
 
 def ensure_ray(cfg: RayConfig) -> None:
-    """Connect to the configured cluster, or start a local Ray instance sized to this machine."""
+    """Connect to the configured cluster, or start a local Ray instance sized to this machine.
+
+    Every Ray worker gets this environment's MLflow address and credentials through the runtime_env (a
+    submitted job's runtime_env carries them already, and Ray refuses the same variable twice).
+    """
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    env = {} if SUBMITTED_JOB_ENV in os.environ else tracking_env()
     ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}})
+             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", **env}})
 
 
 def check_resources(cfg: RayConfig) -> None:
@@ -41,6 +49,10 @@ def check_resources(cfg: RayConfig) -> None:
     if cfg.use_gpu and cfg.num_workers > have.get("GPU", 0):
         raise ValueError(f"ray: {cfg.num_workers} GPU workers, but the cluster has {have.get('GPU', 0)} GPUs; "
                          "lower ray.num_workers or set ray.use_gpu=false")
+    for name, amount in cfg.resources_per_worker.items():
+        if cfg.num_workers * amount > have.get(name, 0):
+            raise ValueError(f"ray.resources_per_worker: {cfg.num_workers} workers x {amount} {name}, but the cluster "
+                             f"has {have.get(name, 0)} {name}; start nodes with --resources or change the field")
 
 
 def trainer(cfg: Config, job: Job, callbacks: list[Any] | None = None,
@@ -52,7 +64,8 @@ def trainer(cfg: Config, job: Job, callbacks: list[Any] | None = None,
         train_loop_config=job.to_dict(),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
-                                     resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}),
+                                     resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {}),
+                                                           **r.resources_per_worker}),
         run_config=RunConfig(
             name=f"{cfg.name}.{job.stage}",
             storage_path=str(r.storage_path),

@@ -17,7 +17,7 @@ import yaml
 
 from oodlab.atomic import write_text
 from oodlab.config import Config, TrainStage, flatten, to_dict
-from oodlab.datapipes.benchmarks import get_benchmark
+from oodlab.datapipes.benchmarks import for_config
 from oodlab.distributed import checkpoint, tracking
 from oodlab.distributed.launch import StageResult, fit
 from oodlab.distributed.stages import TrainMethod
@@ -66,7 +66,7 @@ def run(cfg: Config, restart: bool = False, launch: Callable[[Config, Job], Stag
     `launch` runs one stage (a sweep passes one that reports to Tune); `parent_run_id` nests this
     pipeline's MLflow run under another (a sweep's), `tags` are added to it.
     """
-    get_benchmark(cfg.data.benchmark).require(cfg.data.root)
+    for_config(cfg)
     uri = cfg.mlflow.tracking_uri
     state = PipelineState(state_path(cfg)) if restart else PipelineState.load(state_path(cfg))
     if state.parent_run_id is None:

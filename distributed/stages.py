@@ -36,9 +36,10 @@ class TrainMethod:
 
     @property
     def tag(self) -> str:
-        """Short method name for MLflow tags and tables: ce, um, umap, bg, um+bg, ..."""
-        parts = [name for name, on in (("umap", self.stage.mask), ("um", self.stage.forget and not self.stage.mask),
-                                       ("bg", self.stage.background)) if on]
+        """Short method name for MLflow tags and tables: ce, um, umap, edge-popup (mask, no forget), bg, um+bg, ..."""
+        mask, forget = self.stage.mask is not None, self.stage.forget is not None
+        parts = [name for name, on in (("umap", mask and forget), ("edge-popup", mask and not forget),
+                                       ("um", forget and not mask), ("bg", self.stage.background)) if on]
         return "+".join(parts) or "ce"
 
     def prepare(self, net: FeatureNet) -> list[nn.Parameter]:

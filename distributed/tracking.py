@@ -7,6 +7,7 @@ workers; rank 0 logs metrics, plots and tables to its stage's run with an explic
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +21,21 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3 limit for a param value
+
+# What MLflow reads from the environment to reach a server: forwarded to Ray jobs and workers, never logged.
+TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:password|passwd|pwd|token|access_token|secret|key|sig|signature)=)[^&#\s]*")
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of every URI in it masked: `user:password@` -> `***@`, `?token=...` -> `?token=***`."""
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+
+
+def tracking_env() -> dict[str, str]:
+    """The MLflow server address and credentials set in this environment."""
+    return {k: os.environ[k] for k in TRACKING_ENV if os.environ.get(k)}
 
 
 def client(tracking_uri: str) -> MlflowClient:
@@ -60,7 +76,7 @@ class RunLogger:
         self.run_id = run_id
 
     def params(self, params: Mapping[str, Any]) -> None:
-        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        items = [Param(k, redact(str(v))[:MAX_PARAM_LENGTH]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -79,7 +95,7 @@ class RunLogger:
     def text(self, text: str, name: str, folder: str | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
-            path.write_text(text)
+            path.write_text(redact(text))
             self.artifact(path, folder)
 
     def figure(self, fig: Any, name: str, folder: str = "plots") -> None:

@@ -7,6 +7,7 @@ checkpoint and forgetting threshold, and the MLflow run that rank 0 logs to.
 from __future__ import annotations
 
 import logging
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -59,9 +60,19 @@ class Worker:
         self.device = ray.train.torch.get_device()
         torch.set_num_threads(max(1, int(self.cfg.ray.cpus_per_worker)))
         torch.manual_seed(self.cfg.seed)
-        self.bench: Benchmark = get_benchmark(self.cfg.data.benchmark)
+        self.node_id = check_data_root(self.cfg.data.root)
+        self.bench: Benchmark = get_benchmark(self.cfg.data.benchmark, self.cfg.data.root)
         self.log = tracking.RunLogger(self.cfg.mlflow.tracking_uri, job.run_id) if self.rank == 0 else None
         self._eval_loaders: dict[str, Any] | None = None
+        self.record_nodes()
+
+    def record_nodes(self) -> None:
+        """Rank 0 tags the run with every rank's Ray node id: `ray.node_ids` (in rank order), `ray.node_id.rank<r>`."""
+        nodes = [self.node_id] * self.world
+        if dist.is_initialized():
+            dist.all_gather_object(nodes, self.node_id)
+        if self.log is not None:
+            self.log.tags({"ray.node_ids": ",".join(nodes)} | {f"ray.node_id.rank{r}": n for r, n in enumerate(nodes)})
 
     # -- data --------------------------------------------------------------------------------------
     def spec(self, split: str, batch_size: int, **kw) -> LoaderSpec:
@@ -130,6 +141,15 @@ class Worker:
             log.info("[%s] %s", self.job.stage, text)
 
 
+def check_data_root(root: Path) -> str:
+    """This worker's Ray node id, once the data root is found here (every node reads the .beton files)."""
+    node = ray.get_runtime_context().get_node_id()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root {root} does not exist on Ray node {node} (host {socket.gethostname()}); "
+                                "every node reads it: put the .beton files on storage that all nodes mount")
+    return node
+
+
 def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
     """Ray Train entry point."""
     worker = Worker(Job(**job_dict))
@@ -153,7 +173,7 @@ def run_train(worker: Worker, stage: TrainStage) -> None:
     steps = len(loader)
     opt = torch.optim.SGD(params, lr=stage.lr, momentum=stage.momentum, nesterov=stage.nesterov and stage.momentum > 0,
                           weight_decay=stage.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=stage.epochs * steps)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=(stage.schedule_epochs or stage.epochs) * steps)
     start = 0
     resumed = ray.train.get_checkpoint()
     if resumed is not None:

@@ -82,12 +82,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config, args.overrides)
-    from oodlab.datapipes.demo import ensure_demo_data
+    from oodlab.datapipes.benchmarks import get_benchmark
+    from oodlab.datapipes.build import build
     from oodlab.distributed import pipeline
 
-    written = ensure_demo_data(cfg.data.root, cfg.seed)
-    print(f"demo data: {len(written)} file(s) written under {cfg.data.root / 'demo'}" if written
-          else f"demo data: current files under {cfg.data.root / 'demo'}")
+    bench = get_benchmark(cfg.data.benchmark)
+    written = build(bench, cfg.data.root, log=print)
+    print(f"demo data: {len(written)} file(s) written under {cfg.data.root / bench.name}" if written
+          else f"demo data: current files under {cfg.data.root / bench.name}")
     state = pipeline.run(cfg, restart=args.restart)
     print_comparison(cfg, pipeline.results(state))
     print(f"\nOpen the MLflow UI:  oodlab ui {args.config}   (then http://127.0.0.1:5000)")
@@ -170,13 +172,15 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     inspect.add_argument("--threads", type=int, default=1, help="decoding threads for --verify (default 1)")
     inspect.set_defaults(func=cmd_data_inspect)
 
-    build = cmds.add_parser("benchmark", help="build every .beton of a named benchmark from your folders")
-    build.add_argument("name", help="cifar10, cifar100 or imagenet1k (the demo is built by `oodlab demo`)")
-    build.add_argument("--root", type=Path, required=True, help="folder holding the data sets (layout: see the error)")
+    build = cmds.add_parser("build", aliases=["benchmark"], help="build every .beton of a benchmark (YAML or built-in)")
+    build.add_argument("benchmark", help="a benchmark YAML, or a built-in: cifar10, cifar100, imagenet1k, fmnist, ...")
     build.add_argument("--out", type=Path, required=True, help="data root to write OUT/NAME/<split>.beton under")
+    build.add_argument("--root", type=Path, help="folder that relative source paths start from (default: the "
+                       "YAML's folder; built-ins with relative paths need it)")
     build.add_argument("--force", action="store_true", help="rewrite files that are already current")
-    _add_write_options(build)
-    build.set_defaults(func=cmd_data_benchmark)
+    build.add_argument("--workers", type=int, default=1, help="writer processes (default 1)")
+    build.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed in the manifest)")
+    build.set_defaults(func=cmd_data_build)
 
 
 def _add_write_options(parser: argparse.ArgumentParser) -> None:
@@ -200,9 +204,12 @@ def _image_options(args: argparse.Namespace, base):
 def cmd_data_write(args: argparse.Namespace) -> int:
     import time
 
-    from oodlab.datapipes import beton, prepare
+    from oodlab.datapipes import beton
+    from oodlab.datapipes.sources import open_source
+    from oodlab.datapipes.views import SquareSource
 
-    source = prepare.open_for_write(args.source, ood=args.ood, square=args.square, split=args.split)
+    source = open_source(args.source, ood=args.ood, **({"split": args.split} if args.split else {}))
+    source = SquareSource(source, args.square) if args.square else source
     print(source.describe(), flush=True)
     start = time.perf_counter()
     beton.write(source, args.out, _image_options(args, beton.ImageOptions()), args.workers, skip_bad=args.skip_bad)
@@ -220,12 +227,13 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data_benchmark(args: argparse.Namespace) -> int:
-    from oodlab.datapipes import prepare
+def cmd_data_build(args: argparse.Namespace) -> int:
+    from oodlab.datapipes.benchmarks import get_benchmark
+    from oodlab.datapipes.build import build
 
-    options = _image_options(args, prepare.default_options(args.name))
-    written = prepare.build(args.name, args.root, args.out, options, args.workers, args.skip_bad, args.force, log=print)
-    print(f"{len(written)} file(s) written under {args.out / args.name}")
+    bench = get_benchmark(args.benchmark)
+    written = build(bench, args.out, args.root, args.workers, args.skip_bad, args.force, log=print)
+    print(f"{len(written)} file(s) written under {args.out / bench.name}")
     return 0
 
 

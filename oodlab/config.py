@@ -7,11 +7,16 @@ A run is an ordered chain of named stages. A `train` stage trains from scratch o
 earlier stage's name or a checkpoint path); its `forget` (UM loss floor), `mask` (UMAP) and
 `background` sections switch the training-time methods on. An `estimate` stage measures the
 forgetting threshold; an `eval` stage scores a checkpoint with every post-hoc score.
+
+Configs mean what they say: a `mask` without `forget` is refused unless `mask.plain_edge_popup` says so; a
+stage that uses an estimate's threshold starts from the checkpoint the estimate measured; an epoch count
+searched under ASHA needs the stage's `schedule_epochs` (one cosine schedule for every trial).
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
@@ -27,6 +32,9 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 
 
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
 class ConfigError(ValueError):
     """A config problem, with the field path and the fix in the message."""
 
@@ -36,7 +44,7 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    benchmark: str = "demo"  # a name from `oodlab.datapipes.benchmarks`
+    benchmark: str = "fmnist-demo"  # a built-in benchmark's name or the path of a benchmark YAML
     root: Path = Path(".oodlab/data")  # where the benchmark's .beton files are (the demo writes them here)
     batch_size: PositiveInt = 128  # global: split evenly over the Ray workers
     eval_batch_size: PositiveInt = 256  # global
@@ -48,6 +56,7 @@ class DataConfig(Section):
 class ModelConfig(Section):
     name: str = "resnet18_cifar"  # any timm model name (CIFAR nets registered by oodlab.models)
     pretrained: bool = False  # timm's pretrained weights (downloads: cluster only)
+    weights_saw_id_train: bool = True  # the pretrained weights were trained on the benchmark's id.train (ImageNet)
     kwargs: dict[str, Any] = {}  # passed to timm.create_model
     channels_last: bool = False
 
@@ -77,6 +86,7 @@ class MaskConfig(Section):
 
     mask_ratio: Fraction = 0.2  # fraction of weights REMOVED
     train_weights: bool = False
+    plain_edge_popup: bool = False  # opt in to a mask without `forget`: plain edge-popup, tagged "edge-popup"
 
 
 class BackgroundConfig(Section):
@@ -96,6 +106,7 @@ class TrainStage(Section):
     kind: Literal["train"] = "train"
     init: str | None = None  # None: from scratch; an earlier stage's name; or a checkpoint (file or directory)
     epochs: PositiveInt = 10
+    schedule_epochs: PositiveInt | None = None  # the cosine schedule spans this many epochs (default: epochs)
     lr: PositiveFloat = 0.1
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     nesterov: bool = True
@@ -104,6 +115,19 @@ class TrainStage(Section):
     forget: ForgetConfig | None = None
     mask: MaskConfig | None = None
     background: BackgroundConfig | None = None
+
+    @model_validator(mode="after")
+    def _consistent_methods(self) -> TrainStage:
+        if self.schedule_epochs is not None and self.schedule_epochs < self.epochs:
+            raise ValueError(f"schedule_epochs: the schedule must span at least the {self.epochs} trained epochs "
+                             "(training stops at `epochs`); raise schedule_epochs or drop it")
+        if self.mask is not None and self.forget is None and not self.mask.plain_edge_popup:
+            raise ValueError("mask: UMAP needs `forget` (the loss floor) in the same stage, else this trains plain "
+                             "edge-popup; add forget: {estimate: <estimate stage>} or {threshold: <l_hat>}, "
+                             "or set mask.plain_edge_popup: true to train plain edge-popup on purpose")
+        if self.mask is not None and self.forget is not None and self.mask.plain_edge_popup:
+            raise ValueError("mask.plain_edge_popup: true means no loss floor, but `forget` is set; drop one of them")
+        return self
 
 
 class EstimateStage(Section):
@@ -155,10 +179,26 @@ class RayConfig(Section):
     amp: bool = False  # bf16 autocast on GPU
     storage_path: Path = Path(".oodlab/runs")  # checkpoints and Ray's run state (shared storage on a cluster)
     max_failures: Annotated[int, Field(ge=0)] = 0  # worker-group restarts from the last checkpoint
+    # custom resources each worker also asks for, e.g. {train_slot: 1} with one train_slot per node puts one
+    # worker on each node (CPUs and GPUs come from cpus_per_worker and use_gpu)
+    resources_per_worker: dict[str, PositiveFloat] = {}
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_only(cls, resources: dict[str, float]) -> dict[str, float]:
+        if {"CPU", "GPU"} & set(resources):
+            raise ValueError("CPU and GPU come from ray.cpus_per_worker and ray.use_gpu; list custom resources only")
+        return resources
+
+
+def _tracking_uri_from_env() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 class MlflowConfig(Section):
-    tracking_uri: str = "sqlite:///mlflow.db"  # relative sqlite paths resolve against the working directory
+    # unset: $MLFLOW_TRACKING_URI, else the sqlite default; relative sqlite paths resolve against the working
+    # directory. Credentials never go here: MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN in the environment.
+    tracking_uri: str = Field(default_factory=_tracking_uri_from_env)
     experiment: str = "oodlab"
 
 
@@ -187,6 +227,12 @@ class Dist(Section):
         elif self.dist == "randint" and not (self.low.is_integer() and self.high.is_integer()):
             raise ValueError("randint: low and high must be whole numbers")
         return self
+
+    def upper(self) -> float | None:
+        """The largest number this dimension can take (None if it lists no numbers)."""
+        if self.values is None:
+            return self.high
+        return max((v for v in self.values if isinstance(v, (int, float)) and not isinstance(v, bool)), default=None)
 
 
 class SearchConfig(Section):
@@ -232,7 +278,7 @@ class Config(Section):
     model: ModelConfig = ModelConfig()
     eval: EvalConfig = EvalConfig()
     ray: RayConfig = RayConfig()
-    mlflow: MlflowConfig = MlflowConfig()
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)  # read at load time: $MLFLOW_TRACKING_URI
     checkpoint: CheckpointConfig = CheckpointConfig()
     stages: dict[str, Stage] = {"train": TrainStage()}
     search: SearchConfig | None = None
@@ -263,12 +309,18 @@ class Config(Section):
         for name, stage in self.stages.items():
             _check_init(name, stage.init, earlier)
             forget = getattr(stage, "forget", None)
-            if forget is not None and forget.estimate is not None and earlier.get(forget.estimate) != "estimate":
-                known = [n for n, k in earlier.items() if k == "estimate"]
-                raise ValueError(f"stages.{name}.forget.estimate: '{forget.estimate}' is not an earlier estimate stage (earlier: {known})")
+            if forget is not None and forget.estimate is not None:
+                if earlier.get(forget.estimate) != "estimate":
+                    known = [n for n, k in earlier.items() if k == "estimate"]
+                    raise ValueError(f"stages.{name}.forget.estimate: '{forget.estimate}' is not an earlier estimate "
+                                     f"stage (earlier: {known})")
+                _check_same_start(name, stage.init, forget.estimate, self.stages)
             earlier[name] = stage.kind
-        if self.search is not None and self.search.stage is not None and self.search.stage not in self.train_stages():
-            raise ValueError(f"search.stage: '{self.search.stage}' is not a train stage ({list(self.train_stages())})")
+        if self.search is not None:
+            if self.search.stage is not None and self.search.stage not in self.train_stages():
+                raise ValueError(f"search.stage: '{self.search.stage}' is not a train stage ({list(self.train_stages())})")
+            if self.search.scheduler == "asha":
+                _check_asha_epochs(self.search.space, self.train_stages())
         return self
 
     def train_stages(self) -> dict[str, TrainStage]:
@@ -288,9 +340,48 @@ def _check_init(name: str, init: str | None, earlier: dict[str, str]) -> None:
         )
 
 
+def _check_same_start(name: str, init: str | None, estimate: str, stages: dict[str, Any]) -> None:
+    """The threshold a stage floors its loss at must be measured on the model that stage starts from."""
+    estimate_init = stages[estimate].init
+    if init is not None and _checkpoint_key(init, stages) == _checkpoint_key(estimate_init, stages):
+        return
+    raise ValueError(
+        f"stages.{name}.init: {init!r} differs from stages.{estimate}.init {estimate_init!r}; the forgetting "
+        f"threshold (stages.{name}.forget.estimate: {estimate}) must be measured on the checkpoint this stage "
+        f"starts from: give stages.{name}.init and stages.{estimate}.init the same stage or file"
+    )
+
+
+def _checkpoint_key(init: str, stages: dict[str, Any]) -> str:
+    """A stage name as is; a checkpoint path absolute, a checkpoint directory as the model.pt inside it."""
+    if init in stages:
+        return init
+    path = Path(init).expanduser().resolve()
+    return str(path / "model.pt" if path.is_dir() else path)
+
+
+def _check_asha_epochs(space: dict[str, Dist], stages: dict[str, TrainStage]) -> None:
+    """ASHA compares trials at epochs 1, 2, 4, ...: every trial must be at the same point of one schedule there."""
+    for key, dist in space.items():
+        parts = key.split(".")
+        if len(parts) != 3 or parts[0] != "stages" or parts[2] != "epochs" or parts[1] not in stages:
+            continue
+        most, schedule = dist.upper(), stages[parts[1]].schedule_epochs
+        if most is not None and (schedule is None or schedule < most):
+            raise ValueError(
+                f"search.space.{key}: searching an epoch count under search.scheduler: asha compares trials at "
+                "epochs 1, 2, 4, ... while each trial's cosine schedule spans its own epochs (a short trial reaches "
+                f"a rung at a lower learning rate); set stages.{parts[1]}.schedule_epochs: {int(most)} (the space's "
+                f"maximum; now {schedule}) so every trial follows one schedule and stops at its own epochs, "
+                "or use search.scheduler: fifo"
+            )
+
+
 def _resolve_paths(cfg: Config, base: Path) -> Config:
     """Make every path absolute: Ray workers and MLflow run in other working directories."""
     cfg.data.root = (base / cfg.data.root).expanduser().resolve()
+    if cfg.data.benchmark.endswith((".yaml", ".yml")):
+        cfg.data.benchmark = str((base / cfg.data.benchmark).expanduser().resolve())
     cfg.ray.storage_path = (base / cfg.ray.storage_path).expanduser().resolve()
     uri = cfg.mlflow.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -320,6 +411,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None, base: Path | None = None) -> Config:
     """Read YAML (or start from defaults), apply overrides, validate, resolve paths against `base` (cwd)."""
+    return validate(read(path, overrides), base or Path.cwd())
+
+
+def read(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The raw config: the YAML file (or nothing: defaults) with the overrides applied; not validated."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -328,7 +424,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None, bas
         raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, stages, ...)")
-    return validate(apply_overrides(raw, overrides or []), base or Path.cwd())
+    return apply_overrides(raw, overrides or [])
 
 
 def validate(raw: dict[str, Any], base: Path) -> Config:
@@ -336,8 +432,13 @@ def validate(raw: dict[str, Any], base: Path) -> Config:
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError("invalid config:\n" + "\n".join(_describe(e) for e in err.errors())) from None
+        raise ConfigError("invalid config:\n" + describe_errors(err, Config)) from None
     return _resolve_paths(cfg, base)
+
+
+def describe_errors(err: ValidationError, root: type[BaseModel]) -> str:
+    """pydantic's errors for a document of type `root`, one readable line each (field path, problem, fix)."""
+    return "\n".join(_describe(e, root) for e in err.errors())
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -359,10 +460,10 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 _STAGE_MODELS: dict[str, type[BaseModel]] = {"train": TrainStage, "estimate": EstimateStage, "eval": EvalStage}
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: dict[str, Any], root: type[BaseModel]) -> str:
     loc = list(error["loc"])
-    section: type[BaseModel] = Config
-    if loc[:1] == ["stages"] and len(loc) > 2 and loc[2] in _STAGE_MODELS:
+    section = root
+    if root is Config and loc[:1] == ["stages"] and len(loc) > 2 and loc[2] in _STAGE_MODELS:
         section = _STAGE_MODELS[loc.pop(2)]  # pydantic puts the stage kind in the path; users never write it
         inner = loc[2:]
     else:

@@ -159,10 +159,12 @@ def _mean_metrics(per_set: dict[str, dict[str, float]], names: list[str]) -> dic
     return {key: float(np.mean([per_set[n][key] for n in names])) for key in per_set[names[0]]}
 
 
-def summarize(per_set: dict[str, dict[str, float]], groups: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+def summarize(per_set: dict[str, dict[str, float]], groups: dict[str, list[str]],
+              exclude: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
     """Per-set metrics plus an equal-weight mean per non-empty group (e.g. "near", "far") and over all sets.
 
     Returns ``{set: metrics, ..., group: mean, ..., "all": mean}``; every set must carry the same metric keys.
+    Sets in `exclude` (e.g. those sharing data with the OOD validation set) are reported but left out of "all".
     """
     if not per_set:
         raise ValueError("per_set is empty; pass the metrics of at least one OOD set")
@@ -180,5 +182,5 @@ def summarize(per_set: dict[str, dict[str, float]], groups: dict[str, list[str]]
             raise ValueError(f"groups[{group!r}] names OOD sets without metrics: {missing}; known: {sorted(per_set)}")
     summary = {name: dict(metrics) for name, metrics in per_set.items()}
     summary.update({group: _mean_metrics(per_set, members) for group, members in groups.items() if members})
-    summary["all"] = _mean_metrics(per_set, list(per_set))
+    summary["all"] = _mean_metrics(per_set, [name for name in per_set if name not in exclude])
     return summary

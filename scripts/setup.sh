@@ -7,6 +7,10 @@ PYTHON=${PYTHON:-python3}
 
 # FFCV 1.0.2 builds from source against Debian's OpenCV and libturbojpeg, and links them at run time.
 packages="pkg-config libopencv-dev libturbojpeg0-dev"
+# The fmnist benchmark (and the demo) read Fashion-MNIST's original idx files that Debian packages.
+packages="$packages dataset-fashion-mnist"
+# The browser test renders the MLflow UI in Debian's headless Chromium, driven by its chromedriver.
+packages="$packages chromium chromium-driver"
 command -v g++ >/dev/null 2>&1 || packages="$packages build-essential"
 missing=""
 for p in $packages; do

@@ -34,19 +34,20 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
-    """The demo benchmark's real .beton files, written once per test session."""
-    from oodlab.datapipes.demo import ensure_demo_data
+    """The tiny `digits` benchmark's real .beton files (packaged images), written once per test session."""
+    from oodlab.datapipes.benchmarks import get_benchmark
+    from oodlab.datapipes.build import build
 
     root = tmp_path_factory.mktemp("data")
-    ensure_demo_data(root)
+    build(get_benchmark("digits"), root, progress=False)
     return root
 
 
 def tiny_raw(tmp: Path, data_root: Path) -> dict:
-    """A tiny raw config on the demo data: 2 workers, tiny model, sqlite store and checkpoints under `tmp`."""
+    """A tiny raw config on the digits data: 2 workers, tiny model, sqlite store and checkpoints under `tmp`."""
     return {
         "name": "t",
-        "data": {"benchmark": "demo", "root": str(data_root), "batch_size": 64, "eval_batch_size": 256},
+        "data": {"benchmark": "digits", "root": str(data_root), "batch_size": 64, "eval_batch_size": 256},
         "model": {"name": "resnet_tiny_cifar"},
         "eval": {"scores": ["msp", "energy"], "final_scores": ["msp", "energy", "featnorm"]},
         "ray": {"num_workers": 2, "cpus_per_worker": 1, "storage_path": str(tmp / "runs")},

@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from oodlab import config
+from oodlab.distributed.stages import TrainMethod
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+EPOCHS_SEARCH = "search={space: {stages.um.epochs: {dist: randint, low: 2, high: 6}}}"  # under ASHA, the default
 
 
 def load_demo(*overrides: str) -> config.Config:
@@ -22,6 +25,26 @@ def test_example_configs_load():
                 config.load(path)
         else:
             assert config.load(path).stages, path
+
+
+def test_shipped_recipes_validate_without_their_data_and_match_the_reference(tmp_path):
+    """Every config loads with its cluster checkpoint stood in and no data at all: validation never reads data."""
+    start, root = tmp_path / "model.pt", tmp_path / "no-data"
+    start.write_bytes(b"")
+    loaded = {}
+    for path in sorted(DEMO.parent.glob("*.yaml")):
+        stages = yaml.safe_load(path.read_text())["stages"]
+        cluster = [f"stages.{n}.init={start}" for n, s in stages.items() if str(s.get("init")).startswith("/shared/")]
+        loaded[path.stem] = config.load(path, [f"data.root={root}", *cluster])
+    assert not root.exists()
+    for name, cfg in loaded.items():  # UMAP as the reference trains it: under the loss floor, weight decay 1e-4
+        for stage in cfg.train_stages().values():
+            if stage.mask is not None:
+                assert stage.forget is not None and stage.weight_decay == 1e-4, name
+    umap = loaded["imagenet1k_resnet50_umap"]  # the paper's ImageNet number: ODIN + UMAP on ResNet-50
+    assert umap.model.name == "resnet50" and "odin" in umap.eval.final_scores
+    assert umap.stages["umap"].mask.mask_ratio == 0.2 and not umap.stages["umap"].mask.train_weights
+    assert umap.stages["estimate"].mask_ratio == 0.035 and umap.stages["umap"].forget.estimate == "estimate"
 
 
 @pytest.mark.parametrize(
@@ -48,12 +71,49 @@ def test_example_configs_load():
         ("name=a/b", "name: String should match pattern"),
         ("search={space: {lr: {dist: loguniform, low: 0, high: 1}}}", "search.space.lr.low: loguniform needs low > 0"),
         ("search={space: {}, metric: ood/energy/all/fpr95}", "is not a validation metric"),
+        # an epoch count searched under ASHA needs one schedule for every trial, as long as the longest
+        (EPOCHS_SEARCH, "search.space.stages.um.epochs: searching an epoch count under search.scheduler: asha "
+                        "compares trials at epochs 1, 2, 4, ... while each trial's cosine schedule spans its own "
+                        "epochs (a short trial reaches a rung at a lower learning rate); set "
+                        "stages.um.schedule_epochs: 6 (the space's maximum; now None)"),
+        ((EPOCHS_SEARCH, "stages.um.schedule_epochs=5"), "set stages.um.schedule_epochs: 6 (the space's maximum; now 5)"),
+        ("stages.um.schedule_epochs=2", "stages.um.schedule_epochs: the schedule must span at least the 3 trained epochs"),
+        # a mask without forget is plain edge-popup, not UMAP
+        ("stages.umap.forget=null", "stages.umap.mask: UMAP needs `forget` (the loss floor) in the same stage, else "
+                                    "this trains plain edge-popup; add forget: {estimate: <estimate stage>} or "
+                                    "{threshold: <l_hat>}, or set mask.plain_edge_popup: true"),
+        ("stages.umap.mask.plain_edge_popup=true",
+         "stages.umap.mask.plain_edge_popup: true means no loss floor, but `forget` is set; drop one of them"),
+        # the threshold is measured on the checkpoint the stage that uses it starts from
+        ("stages.um.init=null", "stages.um.init: None differs from stages.estimate.init 'baseline'; the forgetting "
+                                "threshold (stages.um.forget.estimate: estimate) must be measured on the checkpoint "
+                                "this stage starts from: give stages.um.init and stages.estimate.init the same"),
     ],
 )
 def test_bad_input_names_the_field_and_the_fix(override, expected):
     with pytest.raises(config.ConfigError) as err:
-        load_demo(override)
+        load_demo(*([override] if isinstance(override, str) else override))
     assert expected in str(err.value)
+
+
+def test_the_escape_hatches_load():
+    searched = load_demo(EPOCHS_SEARCH, "stages.um.schedule_epochs=6")  # one 6-epoch schedule for every trial
+    assert searched.stages["um"].schedule_epochs == 6 and searched.search.space["stages.um.epochs"].upper() == 6
+    assert load_demo(EPOCHS_SEARCH, "search.scheduler=fifo").search.scheduler == "fifo"  # no rungs to compare at
+    plain = load_demo("stages.umap.forget=null", "stages.umap.mask.plain_edge_popup=true")
+    assert TrainMethod(plain.stages["umap"], threshold=None).tag == "edge-popup"
+    assert TrainMethod(load_demo().stages["umap"], threshold=0.1).tag == "umap"
+
+
+def test_estimate_and_its_user_may_name_one_checkpoint_two_ways(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder in (first, second):
+        folder.mkdir()
+        (folder / "model.pt").write_bytes(b"")
+    same = [f"stages.estimate.init={first}", f"stages.um.init={first / 'model.pt'}", f"stages.umap.init={first}/"]
+    assert load_demo(*same).stages["um"].forget.estimate == "estimate"  # a folder, its model.pt, a trailing slash
+    with pytest.raises(config.ConfigError, match=f"stages.um.init: '{second / 'model.pt'}' differs from stages.estimate.init"):
+        load_demo(*same, f"stages.um.init={second / 'model.pt'}")
 
 
 def test_malformed_override_and_missing_file():
@@ -80,8 +140,8 @@ def test_paths_resolve_against_the_working_directory(tmp_path):
 def test_checkpoint_init_must_exist_and_resolves(tmp_path):
     ckpt = tmp_path / "model.pt"
     ckpt.write_bytes(b"")
-    cfg = load_demo(f"stages.um.init={ckpt}")
-    assert cfg.stages["um"].init == str(ckpt)
+    cfg = load_demo(f"stages.background.init={ckpt}")
+    assert cfg.stages["background"].init == str(ckpt)
 
 
 def test_flatten_gives_mlflow_params():

@@ -17,7 +17,7 @@ from oodlab.distributed.evaluate import Evaluation, gather_outputs, gather_rows,
 from oodlab.models import FeatureNet, create_model
 from oodlab.scores import Fit, build_scorers
 
-SPLIT = "id_val"  # 179 samples: odd, so the 2-way shard pads one sample
+SPLIT = "id_val"  # 195 samples: odd, so the 2-way shard pads one sample
 
 
 def _model(weights: Path) -> FeatureNet:
@@ -36,7 +36,7 @@ def _shard_worker(rank: int, world: int, port: int, root: str, weights: str, out
         padded = list(range(n)) + [0]  # DistributedSampler pads with the first sample
         local = torch.tensor(padded[rank::world])
         assert gather_rows(local, n).tolist() == list(range(n))
-        bench = get_benchmark("demo")
+        bench = get_benchmark("digits")
         loader = build_loader(bench, LoaderSpec(bench.path(Path(root), SPLIT), 32, distributed=True))
         outputs = gather_outputs(local_outputs(_model(Path(weights)), loader), len(loader.indices))
         if rank == 0:
@@ -60,9 +60,9 @@ def test_two_process_inference_equals_single_process(demo_root, tmp_path):
                        start_method="spawn")
     gathered = torch.load(out, weights_only=True)
 
-    bench = get_benchmark("demo")
+    bench = get_benchmark("digits")
     single = local_outputs(_model(weights), build_loader(bench, LoaderSpec(bench.path(demo_root, SPLIT), 32)))
-    assert len(single) == 179 and gathered["logits"].shape == (179, 10)
+    assert len(single) == 195 and gathered["logits"].shape == (195, 10)
     assert torch.equal(gathered["labels"], single.labels)
     torch.testing.assert_close(gathered["logits"], single.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gathered["featnorm"], single.featnorm, rtol=1e-5, atol=1e-5)
@@ -77,7 +77,7 @@ def test_evaluation_flattens_to_percent_names():
 
 def test_cached_scores_from_one_pass_match_recomputation(demo_root):
     """Every cached-output score equals the same score recomputed from a fresh forward pass."""
-    bench = get_benchmark("demo")
+    bench = get_benchmark("digits")
     torch.manual_seed(0)
     net = FeatureNet(create_model("resnet_tiny_cifar", num_classes=10)).eval()
     loader = build_loader(bench, LoaderSpec(bench.path(demo_root, SPLIT), 64))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numba
@@ -17,16 +18,16 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from oodlab.datapipes import beton
-from oodlab.datapipes.benchmarks import IMAGENET_MEAN, IMAGENET_STD, Benchmark, get_benchmark
+from oodlab.datapipes.benchmarks import Benchmark, get_benchmark
 from oodlab.datapipes.loaders import LoaderSpec, build_loader, cpu_budget, normalize_table
 from oodlab.datapipes.sources import ArraySource
 from oodlab.datapipes.torch_loader import TorchLoader
 
 N = 37  # odd, not a multiple of the batch size: partial last batches and sharding padding
 BATCH = 8
-DEMO = get_benchmark("demo")  # 32x32, CIFAR mean/std, pad-crop training
-RRC = Benchmark("rrc-test", 10, 16, IMAGENET_MEAN, IMAGENET_STD, near=(), far=(), train_crop="rrc",
-                eval_crop_ratio=0.875)  # ImageNet-style pipelines at a small size
+DEMO = get_benchmark("digits")  # 32x32, CIFAR mean/std, pad-crop training
+IMAGENET = get_benchmark("imagenet1k")
+RRC = replace(IMAGENET, spec=IMAGENET.spec.model_copy(update={"image_size": 16}))  # ImageNet's pipelines, small
 
 
 @pytest.fixture(scope="module")

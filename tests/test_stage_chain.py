@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
 from oodlab.datapipes.benchmarks import get_benchmark
+from oodlab.datapipes.beton import read_info
 from oodlab.datapipes.loaders import LoaderSpec, build_loader
 from oodlab.distributed import checkpoint, pipeline
 from oodlab.masking import attach_masks
@@ -29,7 +30,7 @@ STAGES = {
 
 def single_process_threshold(cfg, model_file: str, mask_ratio: float) -> float:
     """The spec's l_hat computed in one process: mean CE of the randomly masked model over ID train."""
-    bench = get_benchmark("demo")
+    bench = get_benchmark("digits")
     net = FeatureNet(create_model("resnet_tiny_cifar", num_classes=10))
     net.model.load_state_dict(checkpoint.load(model_file))
     attach_masks(net.model, mask_ratio, torch.Generator().manual_seed(cfg.seed))
@@ -58,7 +59,8 @@ def test_um_umap_background_chain(make_config):
     expected = single_process_threshold(cfg, pretrain_model, mask_ratio=0.2)
     threshold = state.stages["estimate"].metrics["forget_threshold"]
     assert threshold == pytest.approx(expected, rel=1e-5)
-    assert state.stages["estimate"].metrics["estimate/samples"] == 1078  # every ID-train sample exactly once
+    n_train = read_info(get_benchmark("digits").path(cfg.data.root, "id_train")).count
+    assert state.stages["estimate"].metrics["estimate/samples"] == n_train  # every ID-train sample exactly once
     assert runs["estimate"].data.metrics["forget_threshold"] == pytest.approx(threshold)
 
     # UM trains with the estimated floor, recorded as a param; the starting checkpoint is explicit.
@@ -86,5 +88,6 @@ def test_um_umap_background_chain(make_config):
     final = state.stages["final"].metrics
     assert {"ood/featnorm/all/auroc", "ood/msp/val/fpr95", "id_acc"} <= set(final)
     # Same weights, W*M baked in vs applied per forward: float rounding may flip a near-tied argmax of this
-    # barely trained net, so allow two of the 540 test images.
-    assert final["id_acc"] == pytest.approx(state.stages["umap"].metrics["id_acc"], abs=2 * 100 / 540 + 1e-9)
+    # barely trained net, so allow two of the test images.
+    n_test = read_info(get_benchmark("digits").path(cfg.data.root, "id_test")).count
+    assert final["id_acc"] == pytest.approx(state.stages["umap"].metrics["id_acc"], abs=2 * 100 / n_test + 1e-9)

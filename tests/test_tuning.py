@@ -1,16 +1,19 @@
-"""Ray Tune sweeps: space conversion and checks, the objective, trial concurrency, and one real tiny sweep.
+"""Ray Tune sweeps: space conversion and checks, the objective, trial concurrency, and two real tiny sweeps.
 
-The real sweep (4 trials: 2 grid values x 2 samples, ASHA, 2 epochs, 2 workers x 0.5 CPU on the 2-CPU test
-cluster) runs once per module: `oodlab tune` in a subprocess is interrupted (SIGINT, as Ctrl-C) after its
-first trial ends, then the sweep is resumed in this process. The tests read what it left behind in Ray
-Tune's experiment folder and the sqlite MLflow store.
+The real sweeps run once per module, each as `oodlab tune` in a subprocess interrupted (SIGINT, as Ctrl-C)
+after its first trial ends, then resumed in this process; 2 workers x 0.5 CPU on the 2-CPU test cluster:
+random search (4 trials: 2 grid values x 2 samples, ASHA, 2 epochs) and Optuna TPE (3 trials, ASHA, 1-2
+epochs on one schedule). The tests read what they left behind in Ray Tune's experiment folders and the
+sqlite MLflow stores.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,10 +25,12 @@ import numpy as np
 import pytest
 import yaml
 from conftest import tiny_raw
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from oodlab import cli, config
 from oodlab.config import ConfigError
+from oodlab.datapipes.benchmarks import get_benchmark
 from oodlab.tuning import objective, resources, space, summary
 
 TEST_KEY = re.compile(r"^(id_acc|ood/[^/]+/(?!val/)[^/]+/[^/]+)$")  # ID test accuracy, any OOD test set or group
@@ -65,7 +70,8 @@ def test_each_distribution_becomes_the_tune_domain_with_its_bounds():
 def test_grid_dimensions_multiply_the_trial_count_and_optuna_refuses_them(tmp_path):
     cfg = with_space(tmp_path, {"stages.train.lr": {"dist": "loguniform", "low": 0.01, "high": 0.1},
                                 "stages.train.background.select": {"dist": "grid", "values": ["lowest", "topk"]},
-                                "stages.train.epochs": {"dist": "grid", "values": [1, 2, 3]}})
+                                "stages.train.epochs": {"dist": "grid", "values": [1, 2, 3]}},
+                     train={"epochs": 2, "schedule_epochs": 3, "background": {"weight": 0.1}})
     assert space.expected_trials(cfg.search) == 4 * 2 * 3  # num_samples x grid points
     with pytest.raises(ConfigError, match="grid dimensions .* need searcher: random"):
         config.validate(base_raw(tmp_path, tmp_path, {"space": {"stages.train.lr": {"dist": "grid", "values": [0.1]}},
@@ -147,6 +153,25 @@ def test_the_starting_accuracy_comes_from_the_checkpoint_meta(tmp_path):
         objective.check_objective(unevaluated)
 
 
+@pytest.mark.parametrize("search, read", [
+    ({"metric": "id_val_acc", "mode": "max"}, {"id_val": "the objective id_val_acc"}),
+    ({"metric": "ood/knn/val/auroc", "mode": "max", "max_id_acc_drop": 1.0},
+     {"ood_val": "the objective ood/knn/val/auroc (OOD side)",
+      "id_val": "the objective ood/knn/val/auroc (ID side); id_val_acc (the 1-point bound)",
+      "id_train": "fitting the knn score"}),
+])
+def test_the_selection_statement_lists_what_the_search_reads_and_no_test_set(tmp_path, search, read):
+    raw = base_raw(tmp_path, tmp_path / "data", {"space": {"stages.train.lr": {"dist": "uniform", "low": 0.01,
+                                                                                "high": 0.1}}} | search)
+    cfg = config.validate(raw, tmp_path)
+    sentence, rows = summary.selection(cfg)
+    bench = get_benchmark(cfg.data.benchmark)
+    assert rows == [[split, why, str(bench.path(cfg.data.root, split))] for split, why in read.items()]
+    chosen_on = " and ".join(s for s in read if s != "id_train")
+    assert sentence.startswith(f"Which data chooses the winner: {chosen_on} of benchmark {cfg.data.benchmark}, "
+                               f"through {search['metric']} ({search['mode']}) only")
+
+
 # -- resources ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cluster, ray_cfg, cpw, fits", [
     ({"CPU": 2.0}, {"num_workers": 2, "cpus_per_worker": 1}, 0.5, 1),  # this machine: 1 + 2 x 0.5 = 2 CPUs
@@ -190,16 +215,18 @@ def test_optuna_and_random_searchers_sample_the_space_within_the_concurrency_lim
     ("asha", 2, None, "AsyncHyperBandScheduler", 2),
     ("asha", 1, None, "FIFOScheduler", 1),  # one epoch: nothing to stop early
     ("fifo", 6, None, "FIFOScheduler", 6),
-    ("asha", 6, {"dist": "randint", "low": 5, "high": 20}, "AsyncHyperBandScheduler", 20),
+    ("asha", 6, {"dist": "randint", "low": 5, "high": 20}, "AsyncHyperBandScheduler", 20),  # schedule on 20 epochs
+    ("fifo", 6, {"dist": "choice", "values": [4, 8]}, "FIFOScheduler", 8),
 ])
 def test_asha_runs_on_the_tuned_stage_epochs(tmp_path, scheduler, epochs, space_epochs, kind, last):
     from oodlab.tuning import sweep
 
     dims = {"stages.train.lr": {"dist": "loguniform", "low": 0.01, "high": 0.1}}
+    stage = {"epochs": epochs, "background": {"weight": 0.1}}
     if space_epochs:
         dims["stages.train.epochs"] = space_epochs
-    raw = base_raw(tmp_path, tmp_path, {"space": dims, "scheduler": scheduler},
-                   {"train": {"epochs": epochs, "background": {"weight": 0.1}}})
+        stage["schedule_epochs"] = 20 if scheduler == "asha" else None
+    raw = base_raw(tmp_path, tmp_path, {"space": dims, "scheduler": scheduler}, {"train": stage})
     cfg = config.validate(raw, tmp_path)
     assert sweep.max_epochs(cfg) == last and type(sweep.scheduler(cfg)).__name__ == kind
 
@@ -240,15 +267,16 @@ def test_a_rerun_with_another_config_is_refused_and_restart_moves_the_old_sweep_
     assert [p.name.startswith("sweep.replaced-") for p in sweep.sweep_folder(cfg).parent.iterdir()].count(True) == 1
 
 
-# -- the real sweep ----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_sweep(ray_cluster, demo_root, tmp_path_factory):
-    """`oodlab tune` interrupted by SIGINT after its first trial ended, then resumed here; wall times kept."""
+# -- the real sweeps ---------------------------------------------------------------------------------------
+def interrupted_then_resumed(ray_cluster, tmp: Path, raw: dict) -> SimpleNamespace:
+    """`oodlab tune` interrupted by SIGINT after its first trial ended, then resumed here; wall times kept.
+
+    Tune's experiment folder as the interrupt left it is copied to `interrupted`, to compare with the end.
+    """
     from oodlab.tuning import sweep
 
-    tmp = tmp_path_factory.mktemp("sweep")
     path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(base_raw(tmp, demo_root), sort_keys=False))
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "oodlab.cli", "tune", str(path)], cwd=tmp, env=env, text=True,
@@ -264,17 +292,46 @@ def tiny_sweep(ray_cluster, demo_root, tmp_path_factory):
     first_rc = proc.wait(timeout=120)
     first_seconds = time.monotonic() - start
     cfg = config.load(path)
+    experiment = sweep.sweep_folder(cfg) / "tune"
+    shutil.copytree(experiment, tmp / "interrupted")
     start = time.monotonic()
     result = sweep.run(cfg)
     resumed_seconds = time.monotonic() - start
     start = time.monotonic()
     again = sweep.run(cfg)
-    print(f"\ntiny sweep: {first_seconds:.0f} s until interrupted + {resumed_seconds:.0f} s resumed; "
-          f"rerun of the finished sweep {time.monotonic() - start:.0f} s\n"
+    print(f"\n{cfg.search.searcher} sweep: {first_seconds:.0f} s until interrupted + {resumed_seconds:.0f} s "
+          f"resumed; rerun of the finished sweep {time.monotonic() - start:.0f} s\n"
           + summary.text(result, cfg, path, []), flush=True)
-    return SimpleNamespace(cfg=cfg, first_rc=first_rc, first_output="".join(lines), ended_before=ended_before,
+    return SimpleNamespace(cfg=cfg, path=path, first_rc=first_rc, first_output="".join(lines), ended_before=ended_before,
                            interrupted_at=interrupted_at, result=result, again=again,
-                           client=MlflowClient(cfg.mlflow.tracking_uri), experiment=sweep.sweep_folder(cfg) / "tune")
+                           client=MlflowClient(cfg.mlflow.tracking_uri), experiment=experiment,
+                           interrupted=tmp / "interrupted")
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(ray_cluster, demo_root, tmp_path_factory):
+    """Random search with ASHA: 2 grid values x 2 samples of the learning rate, 2 epochs."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    return interrupted_then_resumed(ray_cluster, tmp, base_raw(tmp, demo_root))
+
+
+@pytest.fixture(scope="module")
+def optuna_sweep(ray_cluster, demo_root, tmp_path_factory):
+    """Optuna (TPE) with ASHA: 3 trials over the learning rate and the epoch count (1 or 2) on one 4-epoch schedule."""
+    tmp = tmp_path_factory.mktemp("optuna")
+    search = {"space": {"stages.train.lr": {"dist": "loguniform", "low": 0.01, "high": 0.3},
+                        "stages.train.epochs": {"dist": "randint", "low": 1, "high": 2}},
+              "num_samples": 3, "searcher": "optuna", "scheduler": "asha", "cpus_per_trial_worker": 0.5}
+    stages = {"train": {"epochs": 2, "schedule_epochs": 4, "lr": 0.05}}
+    return interrupted_then_resumed(ray_cluster, tmp, base_raw(tmp, demo_root, search, stages))
+
+
+def stage_run(client: MlflowClient, trial_id: str) -> Run:
+    """The MLflow run of a trial's (only) stage."""
+    trial = client.search_runs([client.get_experiment_by_name("test").experiment_id],
+                               f"tags.`oodlab.trial` = '{trial_id}'")[0]
+    (stage,) = client.search_runs([trial.info.experiment_id], f"tags.`mlflow.parentRunId` = '{trial.info.run_id}'")
+    return stage
 
 
 def test_tiny_sweep_leaves_a_parent_run_with_four_trial_runs(tiny_sweep):
@@ -321,22 +378,71 @@ def test_tiny_sweep_leaves_a_parent_run_with_four_trial_runs(tiny_sweep):
     assert {"id_acc", "ood/energy/near/fpr95", "ood/energy/far/fpr95"} <= set(result.best_runs["train"])
 
 
-def test_interrupted_sweep_resumes_without_rerunning_ended_trials(tiny_sweep):
-    assert tiny_sweep.first_rc == 130, tiny_sweep.first_output[-3000:]
-    assert "Interrupted: rerun the same command to resume" in tiny_sweep.first_output
+@pytest.mark.parametrize("which", ["tiny_sweep", "optuna_sweep"])
+def test_interrupted_sweep_resumes_without_rerunning_ended_trials(request, which):
+    swept = request.getfixturevalue(which)
+    assert swept.first_rc == 130, swept.first_output[-3000:]
+    assert "Interrupted: rerun the same command to resume" in swept.first_output
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(str(tiny_sweep.experiment))
-    (ended,) = tiny_sweep.ended_before
+    analysis = ExperimentAnalysis(str(swept.experiment))
+    (ended,) = swept.ended_before
     history = analysis.trial_dataframes  # every result Tune received, by trial id
     # Tune kept the results of the trial that ended before the interrupt and did not run it again.
-    assert history[ended]["timestamp"].max() <= tiny_sweep.interrupted_at
+    assert history[ended]["timestamp"].max() <= swept.interrupted_at
     assert history[ended]["training_iteration"].tolist() == list(range(1, len(history[ended]) + 1))
-    assert len(history) == 4
+    assert len(history) == swept.result.expected == swept.result.ended
     # Rerunning a finished sweep restores it: same rows, same parent run, nothing new in MLflow.
-    again = tiny_sweep.again
-    assert again.parent_run_id == tiny_sweep.result.parent_run_id
-    assert [(r.trial_id, r.objective) for r in again.rows] == [(r.trial_id, r.objective) for r in tiny_sweep.result.rows]
+    again = swept.again
+    assert again.parent_run_id == swept.result.parent_run_id
+    assert [(r.trial_id, r.objective) for r in again.rows] == [(r.trial_id, r.objective) for r in swept.result.rows]
+
+
+def test_optuna_sweep_continues_its_study_and_keeps_one_schedule(optuna_sweep):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    result, experiment = optuna_sweep.result, optuna_sweep.experiment
+    assert [p.name for p in experiment.glob("basic-variant-state-*")] == []  # not the random searcher
+
+    def study(folder: Path) -> optuna.Study:
+        searcher = OptunaSearch()
+        searcher.restore_from_dir(str(folder))  # Tune's saved searcher state (searcher-state-*.pkl)
+        return searcher._ot_study  # Ray exposes the study only as this attribute
+
+    before, after = study(optuna_sweep.interrupted), study(experiment)
+    assert isinstance(after.sampler, optuna.samplers.TPESampler)
+    # Optuna chose every trial's values, and learned the objective Tune received for each.
+    told = {(t.params["stages.train.lr"], t.params["stages.train.epochs"]): t.value for t in after.trials}
+    assert told == {(r.params["stages.train.lr"], r.params["stages.train.epochs"]): r.objective for r in result.rows}
+    # The resumed sweep continued the interrupted study rather than starting a new one: the trials Optuna had
+    # asked for before the interrupt are the same trials (number, values, start time) in the final study.
+    asked = [(t.number, t.params, t.datetime_start) for t in before.trials]
+    assert 1 <= len(asked) < len(after.trials) == 3
+    assert [(t.number, t.params, t.datetime_start) for t in after.trials[:len(asked)]] == asked
+    # Every trial, of 1 or 2 epochs, followed the same 4-epoch cosine schedule (stages.train.schedule_epochs):
+    # the learning rate after epoch e is lr * (1 + cos(pi * e / 4)) / 2 whatever the trial's own epochs.
+    assert {r.params["stages.train.epochs"] for r in result.rows} == {1, 2}
+    for row in result.rows:
+        history = optuna_sweep.client.get_metric_history(stage_run(optuna_sweep.client, row.trial_id).info.run_id, "lr")
+        lrs = [m.value for m in sorted(history, key=lambda m: m.step)]
+        base = row.params["stages.train.lr"]
+        assert lrs == pytest.approx([base * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(1, row.epochs + 1)],
+                                    rel=1e-4)
+
+
+@pytest.mark.parametrize("which", ["tiny_sweep", "optuna_sweep"])
+def test_the_summary_says_which_data_chose_the_winner_before_its_test_numbers(request, which):
+    swept = request.getfixturevalue(which)
+    cfg, result = swept.cfg, swept.result
+    out = summary.text(result, cfg, swept.path, [])
+    bench = get_benchmark(cfg.data.benchmark)
+    stated = out.index(f"Which data chooses the winner: ood_val and id_val of benchmark {cfg.data.benchmark}, through "
+                       f"ood/energy/val/fpr95 (min) only; its test sets (id_test, {', '.join(bench.ood_test)}) are "
+                       "read after the choice:")
+    for split, side in (("ood_val", "OOD"), ("id_val", "ID")):
+        row = f"| {split} | the objective ood/energy/val/fpr95 ({side} side) | {bench.path(cfg.data.root, split)} |"
+        assert stated < out.index(row) < out.index(f"Best trial {result.best.trial_id}")
 
 
 def test_test_ood_data_cannot_change_which_trial_wins(tiny_sweep):
@@ -347,12 +453,7 @@ def test_test_ood_data_cannot_change_which_trial_wins(tiny_sweep):
     analysis = ExperimentAnalysis(str(tiny_sweep.experiment))
     seen = set().union(*(df.columns for df in analysis.trial_dataframes.values()))
     assert not [k for k in seen if TEST_KEY.match(k)] and {"objective", "ood/energy/val/fpr95", "id_val_acc"} <= seen
-    final = {}
-    for row in result.rows:
-        trial = client.search_runs([client.get_experiment_by_name("test").experiment_id],
-                                   f"tags.`oodlab.trial` = '{row.trial_id}'")[0]
-        (stage,) = client.search_runs([trial.info.experiment_id], f"tags.`mlflow.parentRunId` = '{trial.info.run_id}'")
-        final[row.trial_id] = stage.data.metrics
+    final = {row.trial_id: stage_run(client, row.trial_id).data.metrics for row in result.rows}
     assert all(any(TEST_KEY.match(k) for k in metrics) for metrics in final.values())
 
     # 2. The winner computed from the full metrics through the sweep's own path (view -> objective -> best)

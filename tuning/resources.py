@@ -25,7 +25,7 @@ def per_trial(cfg: Config) -> dict[str, float]:
     need = {"CPU": TRIAL_DRIVER_CPUS + cfg.ray.num_workers * worker_cpus(cfg)}
     if cfg.ray.use_gpu:
         need["GPU"] = float(cfg.ray.num_workers)
-    return need
+    return need | {k: cfg.ray.num_workers * v for k, v in cfg.ray.resources_per_worker.items()}
 
 
 def max_concurrent_trials(cluster: Mapping[str, float], cfg: Config) -> int:

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from oodlab.config import Config, Dist, to_dict
 from oodlab.datapipes.benchmarks import get_benchmark
+from oodlab.distributed.evaluate import FITS_ON_TRAIN
 from oodlab.report import comparison, markdown
 from oodlab.tuning.space import overrides, sampled_config
 
@@ -115,6 +116,34 @@ def objective_figure(rows: Sequence[TrialRow], space: Mapping[str, Dist], best: 
     return fig
 
 
+SELECTION_HEAD = ["split", "read for", "file"]
+
+
+def selection(cfg: Config) -> tuple[str, list[list[str]]]:
+    """Which data chooses the winner: a sentence, and per split the search reads, why and its file.
+
+    Only validation splits (and ID train, for a score fitted on it) reach the objective, ASHA and the searcher.
+    """
+    search, bench = cfg.search, get_benchmark(cfg.data.benchmark)
+    uses: dict[str, list[str]] = {}
+    if search.metric == "id_val_acc":
+        uses["id_val"] = ["the objective id_val_acc"]
+    else:
+        score = search.metric.split("/")[1]
+        uses["ood_val"] = [f"the objective {search.metric} (OOD side)"]
+        uses["id_val"] = [f"the objective {search.metric} (ID side)"]
+        if search.max_id_acc_drop is not None:
+            uses["id_val"].append(f"id_val_acc (the {search.max_id_acc_drop:g}-point bound)")
+        if score in FITS_ON_TRAIN:
+            uses["id_train"] = [f"fitting the {score} score"]
+    rows = [[split, "; ".join(why), str(bench.path(cfg.data.root, split))] for split, why in uses.items()]
+    tests = ", ".join(["id_test", *bench.ood_test])
+    sentence = (f"Which data chooses the winner: {' and '.join(s for s in uses if s != 'id_train')} of benchmark "
+                f"{cfg.data.benchmark}, through {search.metric} ({search.mode}) only; its test sets ({tests}) are read "
+                "after the choice:")
+    return sentence, rows
+
+
 def best_config_yaml(cfg: Config, params: Mapping[str, Any]) -> str:
     """The sweep's config with the best trial's values, named for retraining, without the search section."""
     raw = to_dict(cfg) | {"name": retrain_name(cfg), "search": None}
@@ -140,6 +169,8 @@ def text(result: SweepResult, cfg: Config, config_path: str | Path, cli_override
              f"{counts['stopped']} stopped early, {counts['error']} failed); objective {search.metric} "
              f"({search.mode}){bound}; best: among the trials that trained every epoch",
              trials_markdown(result.rows, list(search.space), search.metric, result.best)]
+    sentence, rows = selection(cfg)
+    lines += [sentence, markdown(SELECTION_HEAD, rows)]
     if result.interrupted:
         lines.append("Interrupted: rerun the same command to resume (finished trials are kept, not rerun).")
     elif result.best is not None:

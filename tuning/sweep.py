@@ -30,7 +30,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from oodlab.atomic import write_text
 from oodlab.config import Config, ConfigError, flatten, to_dict
-from oodlab.datapipes.benchmarks import get_benchmark
+from oodlab.datapipes.benchmarks import for_config
 from oodlab.distributed import pipeline, tracking
 from oodlab.distributed.launch import ensure_ray
 from oodlab.tuning import summary
@@ -62,18 +62,24 @@ def trial_base(cfg: Config) -> dict[str, Any]:
 
 def run(cfg: Config, restart: bool = False) -> summary.SweepResult:
     """Run (or resume) the sweep; return every trial's row and the best trial with its final metrics."""
-    if cfg.search is None:
-        raise ConfigError("search: this config has no search section; add one (see configs/demo_sweep.yaml)")
-    base = trial_base(cfg)
-    check_space(cfg, base)
-    check_objective(cfg)
-    get_benchmark(cfg.data.benchmark).require(cfg.data.root)
+    base = check(cfg)
+    for_config(cfg)
     resumed = previous_state(cfg, restart)
     ensure_ray(cfg.ray)
     concurrency = max_concurrent_trials(ray.cluster_resources(), cfg)
     state = resumed or new_state(cfg, concurrency)
     results = tuner(cfg, base, state, concurrency).fit()
     return finish(cfg, base, state, results)
+
+
+def check(cfg: Config) -> dict[str, Any]:
+    """Every check of the sweep that needs no cluster (`oodlab submit --tune` runs them too); the trials' base."""
+    if cfg.search is None:
+        raise ConfigError("search: this config has no search section; add one (see configs/demo_sweep.yaml)")
+    base = trial_base(cfg)
+    check_space(cfg, base)
+    check_objective(cfg)
+    return base
 
 
 def previous_state(cfg: Config, restart: bool) -> SweepState | None:
@@ -166,7 +172,7 @@ def max_epochs(cfg: Config) -> int:
     dist = cfg.search.space.get(f"stages.{stage}.epochs")
     if dist is None:
         return cfg.stages[stage].epochs
-    return int(max(dist.values) if dist.values is not None else dist.high)
+    return int(dist.upper())
 
 
 def trial_dirname(trial: Any) -> str:
