@@ -66,12 +66,12 @@ def run(cfg: Config, restart: bool = False, launch: Callable[[Config, Job], Stag
     `launch` runs one stage (a sweep passes one that reports to Tune); `parent_run_id` nests this
     pipeline's MLflow run under another (a sweep's), `tags` are added to it.
     """
-    for_config(cfg)
+    bench = for_config(cfg)
     uri = cfg.mlflow.tracking_uri
     state = PipelineState(state_path(cfg)) if restart else PipelineState.load(state_path(cfg))
     if state.parent_run_id is None:
-        state.parent_run_id = tracking.start_run(uri, cfg.mlflow.experiment, cfg.name,
-                                                 {"oodlab.kind": "pipeline", **(tags or {})}, parent_run_id)
+        run_tags = {"oodlab.kind": "pipeline", "oodlab.benchmark": bench.name, **(tags or {})}
+        state.parent_run_id = tracking.start_run(uri, cfg.mlflow.experiment, cfg.name, run_tags, parent_run_id)
         parent = tracking.RunLogger(uri, state.parent_run_id)
         parent.params(flatten(to_dict(cfg)))
         parent.text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
@@ -83,7 +83,7 @@ def run(cfg: Config, restart: bool = False, launch: Callable[[Config, Job], Stag
             continue
         if record is None:
             tags = {"oodlab.stage": name, "oodlab.kind": stage.kind, "oodlab.method": method_tag(cfg, name),
-                    "oodlab.pipeline": cfg.name}
+                    "oodlab.pipeline": cfg.name, "oodlab.benchmark": bench.name}
             record = StageRecord(tracking.start_run(uri, cfg.mlflow.experiment, f"{cfg.name}/{name}", tags,
                                                     parent_run_id=state.parent_run_id))
             state.stages[name] = record

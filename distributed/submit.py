@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import os
 import secrets
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -52,6 +51,15 @@ class JobServerError(RuntimeError):
 
 
 @dataclass
+class JobConfig:
+    """A config checked for a cluster: `raw` travels, `cfg` (paths resolved here) is for further local checks."""
+
+    raw: dict[str, Any]
+    cfg: config.Config
+    tracking_uri: str
+
+
+@dataclass
 class Package:
     """A job, checked and packed, ready to send."""
 
@@ -59,7 +67,6 @@ class Package:
     env: dict[str, str]  # runtime_env env_vars: MLflow address and credentials
     zip_path: Path
     name: str  # the config's name, for the job id
-    tracking_uri: str
 
 
 def project_root() -> Path:
@@ -78,15 +85,19 @@ def resolve_address(address: str | None) -> str:
     return found
 
 
-def prepare(config_path: Path, overrides: list[str], command: str, into: Path) -> Package:
-    """Every check that needs no cluster, then the package in `into`; raises ConfigError (nothing is sent)."""
+def check(config_path: Path, overrides: list[str]) -> JobConfig:
+    """Every check of a config that needs no cluster; raises ConfigError."""
     raw = config.read(config_path, overrides)
     cfg = config.validate(raw, Path.cwd())  # every check of `oodlab train`
     get_benchmark(cfg.data.benchmark)
-    as_given = config.Config.model_validate(raw)  # the same config before paths are resolved here
-    uri = check_cluster_paths(as_given, raw)
-    zip_path = pack(project_root(), {JOB_CONFIG: yaml.safe_dump(raw, sort_keys=False)}, into)
-    return Package(f"python -m oodlab.cli {command} {JOB_CONFIG}", tracking_env(), zip_path, cfg.name, uri)
+    uri = check_cluster_paths(config.Config.model_validate(raw), raw)  # the config as given, paths unresolved
+    return JobConfig(raw, cfg, uri)
+
+
+def package(job: JobConfig, command: str, into: Path) -> Package:
+    """The project and the config packed in `into`, to run `oodlab <command>` (train or tune) on the cluster."""
+    zip_path = pack(project_root(), {JOB_CONFIG: yaml.safe_dump(job.raw, sort_keys=False)}, into)
+    return Package(f"python -m oodlab.cli {command} {JOB_CONFIG}", tracking_env(), zip_path, job.cfg.name)
 
 
 def check_cluster_paths(cfg: config.Config, raw: dict[str, Any]) -> str:
@@ -227,7 +238,3 @@ def stop(address: str, job_id: str) -> JobStatus:
     """Ask Ray to stop the job (SIGTERM, then SIGKILL to its driver); return its status once it ended."""
     _call(address, f"stopping job {job_id}", "stop_job", job_id)
     return wait(address, job_id, STOP_WAIT_S)
-
-
-def temporary_folder() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="oodlab-submit-")

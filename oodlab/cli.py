@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     ui.set_defaults(func=cmd_ui)
     add_data_commands(sub)
+    add_cluster_commands(sub)
     return parser
 
 
@@ -235,6 +236,119 @@ def cmd_data_build(args: argparse.Namespace) -> int:
     written = build(bench, args.out, args.root, args.workers, args.skip_bad, args.force, log=print)
     print(f"{len(written)} file(s) written under {args.out / bench.name}")
     return 0
+
+
+def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
+    """`oodlab submit` and `oodlab jobs list | logs | stop`: Ray jobs on a cluster (logic: oodlab.distributed.submit)."""
+    address = argparse.ArgumentParser(add_help=False)
+    address.add_argument("--address", help="the cluster's job server, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, "
+                         "then $RAY_ADDRESS); with RAY_AUTH_MODE=token, Ray sends $RAY_AUTH_TOKEN or ~/.ray/auth_token")
+
+    submit = sub.add_parser("submit", parents=[address], help="run a config on a Ray cluster as a Ray job "
+                            "(this project's code and the config travel with it)")
+    submit.add_argument("config", type=Path)
+    submit.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. stages.train.epochs=3")
+    submit.add_argument("--tune", action="store_true", help="run `oodlab tune` (the config's sweep) instead of `train`")
+    submit.add_argument("--follow", action="store_true", help="stream the job's logs; exit 0 only if it succeeds")
+    submit.set_defaults(func=cmd_submit)
+
+    jobs = sub.add_parser("jobs", help="list, follow and stop the cluster's Ray jobs")
+    jobs.set_defaults(func=lambda _: jobs.print_help() or 2)
+    cmds = jobs.add_subparsers(title="jobs commands", metavar="COMMAND")
+    cmds.add_parser("list", parents=[address], help="every job: id, status, start, command").set_defaults(func=cmd_jobs_list)
+    logs = cmds.add_parser("logs", parents=[address], help="a job's logs so far (or --follow them to its end)")
+    logs.add_argument("job_id")
+    logs.add_argument("--follow", action="store_true", help="stream until the job ends; exit 0 only if it succeeded")
+    logs.set_defaults(func=cmd_jobs_logs)
+    stop = cmds.add_parser("stop", parents=[address], help="stop a job and wait until it has stopped")
+    stop.add_argument("job_id")
+    stop.set_defaults(func=cmd_jobs_stop)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from oodlab.distributed import submit
+
+    address = submit.resolve_address(args.address)
+    job = submit.check(args.config, args.overrides)
+    if args.tune:
+        from oodlab.tuning import sweep
+
+        sweep.check(job.cfg)
+    with tempfile.TemporaryDirectory(prefix="oodlab-submit-") as tmp:
+        package = submit.package(job, "tune" if args.tune else "train", Path(tmp))
+        job_id = _job_server(lambda: submit.submit(address, package))
+    if job_id is None:
+        return 1
+    print(f"submitted job {job_id} to {address}: oodlab {'tune' if args.tune else 'train'} {args.config} "
+          f"(config '{job.cfg.name}', MLflow {submit.redact(job.tracking_uri)})\n"
+          f"  follow: oodlab jobs logs {job_id} --follow --address {address}\n"
+          f"  stop:   oodlab jobs stop {job_id} --address {address}", flush=True)
+    return _follow(address, job_id) if args.follow else 0
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from oodlab.distributed import submit
+
+    jobs = _job_server(lambda: submit.list_jobs(submit.resolve_address(args.address)))
+    if jobs is None:
+        return 1
+    rows = [[j.submission_id or j.job_id, str(j.status), datetime.fromtimestamp(j.start_time / 1000).strftime("%Y-%m-%d %H:%M")
+             if j.start_time else "-", j.entrypoint] for j in jobs]
+    print(markdown(["job", "status", "started", "command"], rows) if rows else "no jobs")
+    return 0
+
+
+def cmd_jobs_logs(args: argparse.Namespace) -> int:
+    from oodlab.distributed import submit
+
+    address = submit.resolve_address(args.address)
+    if args.follow:
+        return _follow(address, args.job_id)
+    text = _job_server(lambda: submit.logs(address, args.job_id))
+    if text is None:
+        return 1
+    print(text, end="")
+    return 0
+
+
+def cmd_jobs_stop(args: argparse.Namespace) -> int:
+    from oodlab.distributed import submit
+
+    state = _job_server(lambda: submit.stop(submit.resolve_address(args.address), args.job_id))
+    if state is None:
+        return 1
+    print(f"job {args.job_id}: {state}")
+    return 0 if state == submit.JobStatus.STOPPED else 1
+
+
+def _follow(address: str, job_id: str) -> int:
+    """Stream a job's logs to its end: 0 if it succeeded, 1 if not, 130 on Ctrl-C (the job goes on)."""
+    from oodlab.distributed import submit
+
+    try:
+        state = _job_server(lambda: submit.follow(address, job_id))
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job goes on. Stop it with: oodlab jobs stop {job_id} --address {address}")
+        return 130
+    if state is None:
+        return 1
+    print(f"job {job_id}: {state}")
+    return 0 if state == submit.JobStatus.SUCCEEDED else 1
+
+
+def _job_server(action):
+    """`action()`, or None after printing why the job server failed (exit status 1, not a config error)."""
+    from oodlab.distributed.submit import JobServerError
+
+    try:
+        return action()
+    except JobServerError as err:
+        print(f"oodlab: error: {err}", file=sys.stderr)
+        return None
 
 
 if __name__ == "__main__":

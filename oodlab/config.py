@@ -199,6 +199,11 @@ class MlflowConfig(Section):
     # unset: $MLFLOW_TRACKING_URI, else the sqlite default; relative sqlite paths resolve against the working
     # directory. Credentials never go here: MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN in the environment.
     tracking_uri: str = Field(default_factory=_tracking_uri_from_env)
+
+    @field_validator("tracking_uri", mode="before")
+    @classmethod
+    def _null_means_unset(cls, uri: str | None) -> str:
+        return _tracking_uri_from_env() if uri is None else uri
     experiment: str = "oodlab"
 
 

@@ -285,3 +285,4 @@ def test_user_benchmark_trains_end_to_end_with_metrics_per_set_and_group(tmp_pat
     far = [metrics[f"ood/energy/{s}/auroc"] for s in ("textures", "listed")]
     assert metrics["ood/energy/far/auroc"] == pytest.approx(sum(far) / 2)
     assert metrics["id_acc"] >= 0 and state.stages["train"].done
+    assert run.data.tags["oodlab.benchmark"] == "mybench"

@@ -15,6 +15,7 @@ CIFAR_NETS = {
     "resnet_tiny_cifar": ((128, 4, 4), (0.25e6, 0.35e6)),
     "densenet_bc100_cifar": ((342, 8, 8), (0.76e6, 0.80e6)),  # DenseNet-BC-100 k=12: 0.769M
     "wrn40_2_cifar": ((128, 8, 8), (2.2e6, 2.3e6)),  # WRN-40-2: 2.24M
+    "small_cnn": ((128, 8, 8), (0.09e6, 0.1e6)),  # 128x7x7 at Fashion-MNIST's 28px
 }
 
 

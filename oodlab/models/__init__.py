@@ -16,6 +16,7 @@ from torch import nn
 from oodlab.models import resnet_cifar  # noqa: F401  (registers resnet*_cifar)
 from oodlab.models import densenet_cifar  # noqa: F401  (registers densenet_bc100_cifar)
 from oodlab.models import wrn_cifar  # noqa: F401  (registers wrn40_2_cifar)
+from oodlab.models import small_cnn  # noqa: F401  (registers small_cnn)
 from oodlab.outputs import Head
 
 
