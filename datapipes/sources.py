@@ -387,13 +387,30 @@ def find_cifar_dir(root: Path, variant: str) -> Path | None:
     return None
 
 
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only (what the official CIFAR files hold): a pickle that
+    names any other class or function, e.g. one that would run a shell command, is refused unread."""
+
+    ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise SourceError(f"refusing to unpickle {module}.{name}: CIFAR files hold only numpy arrays and lists")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
-    # SECURITY: this unpickles a file, which can run arbitrary code. Use it only on the official CIFAR
-    # "python version" files (cs.toronto.edu/~kriz/cifar.html) that the user placed there: trusted input.
+    """An official CIFAR "python version" pickle, through an unpickler that builds numpy arrays and nothing else."""
     if not path.is_file():
         raise SourceError(f"CifarSource: missing {path}; extract the official 'python version' archive there")
     with open(path, "rb") as f:
-        content = pickle.load(f, encoding="bytes")
+        try:
+            content = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+        except SourceError as err:
+            raise SourceError(f"CifarSource: {path}: {err}") from None
+        except (pickle.UnpicklingError, EOFError) as err:
+            raise SourceError(f"CifarSource: {path} is not a readable pickle ({err})") from None
     if not isinstance(content, dict):
         raise SourceError(f"CifarSource: {path} holds a {type(content).__name__}, not the official batch dict")
     return content

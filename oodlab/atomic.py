@@ -1,4 +1,9 @@
-"""Atomic file writes: write beside the target under a hidden temp name, then rename into place."""
+"""Atomic file writes: write beside the target under a hidden temp name, fsync, then rename into place.
+
+The file is fsynced before the rename and its folder after it, so after a crash or power loss a reader
+finds the old file or the complete new one, never a partial or empty one. Temp files of writers that
+died (`.<name>.partial-<pid>` whose process is gone) are removed when the next write of that file starts.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+PARTIAL = ".partial-"
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path to write; on success it replaces `path`, on error it is removed.
-
-    Readers see either the old file or the complete new one, never a partial write.
-    """
+    """Yield a temp path to write; on success it replaces `path` (durably), on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    remove_stale_partials(path)
+    tmp = path.with_name(f".{path.name}{PARTIAL}{os.getpid()}")
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if tmp.exists() and tmp.is_file():
             tmp.unlink()
@@ -29,3 +36,33 @@ def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def remove_stale_partials(path: Path) -> list[Path]:
+    """Delete temp files of `path` left by writers whose process no longer exists; return them."""
+    stale = []
+    for partial in path.parent.glob(f".{path.name}{PARTIAL}*"):
+        pid = partial.name.rpartition(PARTIAL)[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            partial.unlink(missing_ok=True)
+            stale.append(partial)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -268,6 +269,24 @@ def test_cifar_errors(cifar10_root, tmp_path):
         CifarSource(root, split="test")
     write_cifar_batch(folder / "test_batch", np.zeros((2, 3072), np.uint8), {b"fine_labels": [0, 1]})
     with pytest.raises(SourceError, match="lacks keys"):
+        CifarSource(root, split="test")
+
+
+class _RunsACommand:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_cifar_pickles_that_would_run_code_are_refused_unread(cifar10_root, monkeypatch):
+    root, _ = cifar10_root
+    monkeypatch.chdir(root)
+    with open(root / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({b"data": _RunsACommand(), b"labels": [0]}, f)
+    with pytest.raises(SourceError, match="refusing to unpickle posix.system"):
+        CifarSource(root, split="test")
+    assert not (root / "PWNED").exists()
+    (root / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(SourceError, match="is not a readable pickle"):
         CifarSource(root, split="test")
 
 
