@@ -148,4 +148,4 @@ def test_flatten_gives_mlflow_params():
     flat = config.flatten(config.to_dict(load_demo()))
     assert flat["stages.um.forget.estimate"] == "estimate"
     assert flat["ray.num_workers"] == 2
-    assert flat["model.kwargs.zero_init_last"] is False
+    assert flat["stages.umap.mask.mask_ratio"] == 0.2 and flat["model.kwargs"] == {}  # an empty section stays a value
