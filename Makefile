@@ -19,6 +19,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_metrics.py
 	$(VENV)/bin/python bench/bench_scores.py
+	$(VENV)/bin/python bench/bench_train.py
 
 clean:
 	rm -rf .oodlab

@@ -1,7 +1,7 @@
 """Science benchmark on Fashion-MNIST: the baseline, UM, UMAP and the background loss over seeds, next to
 published small-CNN numbers for FMNIST -> MNIST.
 
-    python bench/science_fmnist.py [--seeds 0 1 2] [--results bench/RESULTS.md] [key.sub=value ...]
+    python bench/science_fmnist.py [key.sub=value ...] [--seeds 0 1 2] [--results bench/RESULTS.md]
 
 Builds the fmnist betons once (`oodlab data build fmnist`), runs configs/fmnist_science.yaml through the
 Ray Train pipeline once per seed (`oodlab train` in-process), reads every number back from the pipeline
@@ -12,6 +12,7 @@ The best intermediate epoch is picked on the OOD validation split only; test OOD
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ def mean_std(values: list[float]) -> str:
 
 
 def run_seed(seed: int, overrides: list[str]) -> dict:
-    """One pipeline run; returns every stage's final metrics and the baseline's per-epoch history."""
+    """One fresh pipeline run; returns every stage's final metrics and the baseline's per-epoch history."""
     from mlflow.tracking import MlflowClient
 
     from oodlab.datapipes.benchmarks import get_benchmark
@@ -118,14 +119,18 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. stages.baseline.epochs=4")
     args = parser.parse_args()
     start = time.perf_counter()
-    runs = [run_seed(seed, args.overrides) for seed in args.seeds]
-    minutes = (time.perf_counter() - start) / 60
-    command = " ".join(["python bench/science_fmnist.py", "--seeds", *map(str, args.seeds), *args.overrides])
-    text = (f"## Science: Fashion-MNIST (`bench/science_fmnist.py`)\n\nCommand: `{command}` "
-            f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {minutes:.1f} min on this machine; "
-            f"config configs/fmnist_science.yaml, {runs[0]['epochs']} baseline epochs)\n\n" + tables(runs))
+    storage = ROOT / ".oodlab" / "science" / time.strftime("%Y%m%d-%H%M%S")  # fresh: never resumes an older run
+    command = " ".join(["python bench/science_fmnist.py", *args.overrides, "--seeds", *map(str, args.seeds)])
+    runs: list[dict] = []
+    for seed in args.seeds:  # the tables are rewritten after every seed: an interrupted run keeps its seeds
+        runs.append(run_seed(seed, [f"ray.storage_path={storage}", *args.overrides]))
+        minutes = (time.perf_counter() - start) / 60
+        text = (f"## Science: Fashion-MNIST (`bench/science_fmnist.py`)\n\nCommand: `{command}` "
+                f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; seeds {args.seeds[:len(runs)]} done in "
+                f"{minutes:.1f} min on this machine, load average {os.getloadavg()[0]:.1f}; config "
+                f"configs/fmnist_science.yaml, {runs[0]['epochs']} baseline epochs)\n\n" + tables(runs))
+        write_results(args.results, text)
     print(text)
-    write_results(args.results, text)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Progress lives in `<storage>/<name>/pipeline.json` (written atomically after every stage): rerunning
 the same config skips finished stages and resumes an interrupted one from its last checkpoint. In
-MLflow the pipeline is a parent run and each stage a child run tagged with its stage and method.
+MLflow the pipeline is a parent run and each stage a child run tagged with its stage and method; the
+parent also gets each stage's headline numbers and, at the end, `report.html` comparing the stages.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from typing import Any
 
 import yaml
 
+from oodlab import console
 from oodlab.atomic import write_text
 from oodlab.config import Config, TrainStage, flatten, to_dict
 from oodlab.datapipes.benchmarks import for_config
-from oodlab.distributed import checkpoint, tracking
+from oodlab.distributed import checkpoint, progress, tracking
+from oodlab.distributed.artifacts import finish_stage, log_report
 from oodlab.distributed.launch import StageResult, fit
 from oodlab.distributed.stages import TrainMethod
 from oodlab.distributed.worker import Job
@@ -76,10 +79,12 @@ def run(cfg: Config, restart: bool = False, launch: Callable[[Config, Job], Stag
         parent.params(flatten(to_dict(cfg)))
         parent.text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
         state.save()
+    groups = [*bench.groups, "all"]
+    tracking.share_runs_view(uri, cfg.mlflow.experiment, cfg.eval.select, groups)
     for name, stage in cfg.stages.items():
         record = state.stages.get(name)
         if record is not None and record.done:
-            print(f"[{name}] done earlier; skipping (checkpoint {record.checkpoint})", flush=True)
+            console.say(f"[{name}] done earlier; skipping (checkpoint {record.checkpoint})")
             continue
         if record is None:
             tags = {"oodlab.stage": name, "oodlab.kind": stage.kind, "oodlab.method": method_tag(cfg, name),
@@ -93,11 +98,15 @@ def run(cfg: Config, restart: bool = False, launch: Callable[[Config, Job], Stag
         stage_logger = tracking.RunLogger(uri, record.run_id)
         stage_logger.params({f"stage.{k}": v for k, v in flatten(stage.model_dump(mode="json")).items()}
                             | {"stage.init_checkpoint": job.init, "stage.forget_threshold": job.threshold})
-        print(f"[{name}] starting ({stage.kind}, {method_tag(cfg, name)}) on {cfg.ray.num_workers} workers", flush=True)
-        result = launch(cfg, job)
+        console.say(f"[{name}] starting ({stage.kind}, {method_tag(cfg, name)}) on {cfg.ray.num_workers} workers")
+        with progress.epoch_bar(cfg, name, record.run_id):
+            result = launch(cfg, job)
         record.done, record.checkpoint, record.metrics = True, result.checkpoint, result.metrics
         state.save()
-        tracking.end_run(uri, record.run_id)
+        console.say(progress.evaluation_line(name, result.metrics, cfg.eval.select, groups))
+        finish_stage(cfg, bench, name, record.run_id, result.checkpoint, result.metrics, state.parent_run_id)
+    log_report(cfg, state.parent_run_id, f"{cfg.name}: stages compared",
+               {name: record.run_id for name, record in state.stages.items()})
     tracking.end_run(uri, state.parent_run_id)
     return state
 

@@ -8,7 +8,7 @@ packager (without EXCLUDES and what the tree's .gitignore / .rayignore files lis
 Paths: the job's working directory is a temporary copy on the head, so every path in the config (data.root,
 ray.storage_path, a sqlite tracking URI, checkpoint files) must be absolute, as the cluster's nodes see them
 (shared storage); relative ones are refused here, before anything is sent. Absolute paths travel as given and
-are resolved on the cluster, where they must exist.
+are resolved on the cluster, where they must exist. A benchmark YAML inside the project travels with it.
 
 Tracking: the config's mlflow.tracking_uri, else this environment's MLFLOW_TRACKING_URI (a job never falls back
 to a sqlite file in its temporary folder). MLFLOW_TRACKING_URI / _USERNAME / _PASSWORD / _TOKEN from this
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import time
@@ -37,13 +38,17 @@ from ray.exceptions import RayError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from oodlab import config
-from oodlab.datapipes.benchmarks import get_benchmark
+from oodlab.datapipes.benchmarks import get_benchmark, is_yaml_ref
 from oodlab.distributed.tracking import redact, tracking_env
 
 JOB_CONFIG = "oodlab-job.yaml"
 EXCLUDES = ["/.git", "/.venv", "/.oodlab", "/data", "/mlruns", "/mlflow.db", "*.beton", "__pycache__"]
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # read by Ray's client, and then preferred to its argument
 STOP_WAIT_S = 60.0
+
+for _chatty in ("ray._private.runtime_env.packaging", "ray.dashboard.modules.dashboard_sdk",
+               "ray.dashboard.modules.job.sdk"):  # INFO lines per packed file and request
+    logging.getLogger(_chatty).setLevel(logging.WARNING)
 
 
 class JobServerError(RuntimeError):
@@ -91,7 +96,16 @@ def check(config_path: Path, overrides: list[str]) -> JobConfig:
     cfg = config.validate(raw, Path.cwd())  # every check of `oodlab train`
     get_benchmark(cfg.data.benchmark)
     uri = check_cluster_paths(config.Config.model_validate(raw), raw)  # the config as given, paths unresolved
+    if is_yaml_ref(cfg.data.benchmark):
+        raw.setdefault("data", {})["benchmark"] = benchmark_for_job(Path(cfg.data.benchmark))
     return JobConfig(raw, cfg, uri)
+
+
+def benchmark_for_job(path: Path) -> str:
+    """A benchmark YAML inside the project travels with it (a path from the job's working directory, the
+    project's copy); one outside keeps its absolute path, where the cluster must have it too."""
+    root = project_root()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def package(job: JobConfig, command: str, into: Path) -> Package:

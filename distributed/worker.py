@@ -6,6 +6,7 @@ checkpoint and forgetting threshold, and the MLflow run that rank 0 logs to.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import tempfile
@@ -151,15 +152,18 @@ def check_data_root(root: Path) -> str:
 
 
 def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
-    """Ray Train entry point."""
+    """Ray Train entry point. The first worker on each node logs that node's system metrics to the stage's run."""
     worker = Worker(Job(**job_dict))
     stage = worker.cfg.stages[worker.job.stage]
-    if isinstance(stage, EstimateStage):
-        run_estimate(worker, stage)
-    elif isinstance(stage, EvalStage):
-        run_eval(worker)
-    else:
-        run_train(worker, stage)
+    monitor = (tracking.system_metrics(worker.cfg.mlflow.tracking_uri, worker.job.run_id, worker.node_id[:8])
+               if ray.train.get_context().get_local_rank() == 0 else contextlib.nullcontext())
+    with monitor:
+        if isinstance(stage, EstimateStage):
+            run_estimate(worker, stage)
+        elif isinstance(stage, EvalStage):
+            run_eval(worker)
+        else:
+            run_train(worker, stage)
 
 
 def run_train(worker: Worker, stage: TrainStage) -> None:
@@ -199,7 +203,7 @@ def run_train(worker: Worker, stage: TrainStage) -> None:
                        "epoch": epoch}
         worker.report(metrics, epoch, net, train_state)
         if last:
-            log_final_artifacts(worker.log, evaluation, worker.bench, cfg.eval.select, epoch)
+            log_final_artifacts(worker.log, evaluation, worker.bench, cfg.eval, epoch)
 
 
 def train_epoch(ddp: torch.nn.Module, net: FeatureNet, loader, opt, sched, method: TrainMethod, epoch: int,
@@ -266,4 +270,4 @@ def run_eval(worker: Worker) -> None:
     net = worker.place(worker.model())
     evaluation = worker.evaluate(net, worker.cfg.eval.final_scores)
     worker.report(evaluation.flat() if evaluation is not None else {}, epoch=0)
-    log_final_artifacts(worker.log, evaluation, worker.bench, worker.cfg.eval.select, None)
+    log_final_artifacts(worker.log, evaluation, worker.bench, worker.cfg.eval, None)

@@ -7,9 +7,12 @@ that need them, so `oodlab --help` and config errors are instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from oodlab import config as config_mod
@@ -39,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", type=Path, default=CONFIGS / "demo.yaml", help="demo config (default: configs/demo.yaml)")
     demo.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     demo.add_argument("--restart", action="store_true", help="run every stage again instead of resuming")
+    _verbose_argument(demo)
     demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser("train", help="run (or resume) the stages of a config on Ray")
@@ -70,13 +74,43 @@ def _config_arguments(parser: argparse.ArgumentParser, example: str, restart_hel
     parser.add_argument("config", type=Path)
     parser.add_argument("overrides", nargs="*", help=f"key.sub=value overrides, e.g. {example}")
     parser.add_argument("--restart", action="store_true", help=restart_help)
+    _verbose_argument(parser)
+
+
+def _verbose_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own output here as it comes (by default "
+                        "it goes to a log file, whose path is printed)")
+
+
+@contextlib.contextmanager
+def ray_output(args: argparse.Namespace, cfg: config_mod.Config, command: str) -> Iterator[None]:
+    """Where Ray's own output goes while the command runs: the terminal with --verbose, else a log file.
+
+    A local Ray instance that the command started is shut down before the terminal is given back, so that
+    Ray's last words go to the log file too.
+    """
+    import ray
+
+    from oodlab import console
+
+    started_here = not ray.is_initialized()
+    log = cfg.ray.storage_path / cfg.name / "logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    if not args.verbose:
+        print(f"Ray's output goes to {log}  (--verbose shows it here)", flush=True)
+    with contextlib.nullcontext() if args.verbose else console.output_to(log):
+        try:
+            yield
+        finally:
+            if started_here and ray.is_initialized():
+                ray.shutdown()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config, args.overrides)
     from oodlab.distributed import pipeline
 
-    state = pipeline.run(cfg, restart=args.restart)
+    with ray_output(args, cfg, "train"):
+        state = pipeline.run(cfg, restart=args.restart)
     print_comparison(cfg, pipeline.results(state))
     return 0
 
@@ -91,9 +125,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     written = build(bench, cfg.data.root, log=print)
     print(f"demo data: {len(written)} file(s) written under {cfg.data.root / bench.name}" if written
           else f"demo data: current files under {cfg.data.root / bench.name}")
-    state = pipeline.run(cfg, restart=args.restart)
+    with ray_output(args, cfg, "demo"):
+        state = pipeline.run(cfg, restart=args.restart)
     print_comparison(cfg, pipeline.results(state))
-    print(f"\nOpen the MLflow UI:  oodlab ui {args.config}   (then http://127.0.0.1:5000)")
+    print(f"\nCompare the runs in the MLflow UI:  oodlab ui {args.config}   (then open the address it prints)")
     return 0
 
 
@@ -125,7 +160,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config, args.overrides)
     from oodlab.tuning import summary, sweep
 
-    result = sweep.run(cfg, restart=args.restart)
+    with ray_output(args, cfg, "tune"):
+        result = sweep.run(cfg, restart=args.restart)
     print(summary.text(result, cfg, args.config, args.overrides))
     return 130 if result.interrupted else 0
 
@@ -133,9 +169,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
     uri = cfg.mlflow.tracking_uri
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
+    from oodlab.distributed import tracking
+
+    experiment = tracking.client(uri).get_experiment_by_name(cfg.mlflow.experiment)
+    page = f"http://{args.host}:{args.port}"
+    if experiment is not None:
+        page = tracking.runs_url(page, experiment.experiment_id)
+    print(f"MLflow UI for {tracking.redact(uri)}: open {page}  (Ctrl-C to stop)", flush=True)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    # One server process: enough for one user, quicker to start, and not restarted by uvicorn's worker health
+    # checks when the machine is busy training.
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port), "--workers", "1"]
     return subprocess.call(cmd, env=env)
 
 
@@ -269,6 +314,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     import tempfile
 
     from oodlab.distributed import submit
+    from oodlab.distributed.tracking import redact
 
     address = submit.resolve_address(args.address)
     job = submit.check(args.config, args.overrides)
@@ -282,7 +328,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if job_id is None:
         return 1
     print(f"submitted job {job_id} to {address}: oodlab {'tune' if args.tune else 'train'} {args.config} "
-          f"(config '{job.cfg.name}', MLflow {submit.redact(job.tracking_uri)})\n"
+          f"(config '{job.cfg.name}', MLflow {redact(job.tracking_uri)})\n"
           f"  follow: oodlab jobs logs {job_id} --follow --address {address}\n"
           f"  stop:   oodlab jobs stop {job_id} --address {address}", flush=True)
     return _follow(address, job_id) if args.follow else 0

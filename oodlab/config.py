@@ -155,6 +155,8 @@ class EvalConfig(Section):
     params: dict[str, dict[str, Any]] = {}  # per-score parameters, e.g. {odin: {temperature: 1000}}
     knn_bank_size: PositiveInt = 50_000  # ID-train features kept for knn/mahalanobis (evenly subsampled)
     select: str = "energy"  # the score whose OOD-validation fpr95 marks the best epoch (must be in scores)
+    # the best epoch is chosen among those whose ID validation accuracy is within this many points of the best
+    best_epoch_max_acc_drop: Annotated[float, Field(ge=0)] = 5.0
 
     @field_validator("scores", "final_scores", "params")
     @classmethod

@@ -44,14 +44,23 @@ def output_to(log_file: Path) -> Iterator[None]:
             os.dup2(log.fileno(), fd)
     try:
         yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for fd, copy in saved.items():
-            os.dup2(copy, fd)
-            os.close(copy)
-        _terminal.close()
-        _terminal = None
+    except BaseException:
+        _restore(saved)
+        if log_file.stat().st_size:  # not for a config error found before Ray started
+            print(f"oodlab: Ray's output of this run is in {log_file}", file=sys.stderr, flush=True)
+        raise
+    _restore(saved)
+
+
+def _restore(saved: dict[int, int]) -> None:
+    global _terminal
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, copy in saved.items():
+        os.dup2(copy, fd)
+        os.close(copy)
+    _terminal.close()
+    _terminal = None
 
 
 class EpochBar:
@@ -61,7 +70,7 @@ class EpochBar:
         self.name, self.total = name, total
         stream = _terminal or sys.stdout
         self.bar = (tqdm(total=total, desc=f"[{name}]", unit="epoch", file=stream, dynamic_ncols=True,
-                         bar_format="{desc} {n_fmt}/{total_fmt} epochs |{bar:20}| {elapsed}<{remaining}  {postfix}")
+                         bar_format="{desc} {n_fmt}/{total_fmt} epochs |{bar:20}| {elapsed}<{remaining}{postfix}")
                     if stream.isatty() else None)
 
     def update(self, done: int, fields: str) -> None:

@@ -1,11 +1,13 @@
 """Figures for OOD evaluation: ROC curves, score histograms, per-epoch curves; atomic PNG saving.
 
 Figures are built on matplotlib's object API with the Agg canvas (no pyplot, no global state);
-every function returns a Figure and the caller saves it with `save_figure`.
+every function returns a Figure titled with the run and the score it shows, and the caller saves it
+with `save_figure` (or embeds `png_bytes`).
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -23,7 +25,7 @@ def _new_figure(figsize: tuple[float, float] = (6.0, 4.5)) -> Figure:
     return fig
 
 
-def roc_figure(score_name: str, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
+def roc_figure(run: str, score_name: str, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
     """ROC curves (fpr, tpr with ID positive, e.g. from `metrics.roc_points`) of one score, one per OOD set."""
     fig = _new_figure()
     ax = fig.add_subplot()
@@ -36,14 +38,14 @@ def roc_figure(score_name: str, curves: dict[str, tuple[np.ndarray, np.ndarray]]
         ylim=(0, 1.005),
         xlabel="FPR: fraction of OOD accepted as ID",
         ylabel="TPR: fraction of ID accepted",
-        title=f"ROC of {score_name} (ID positive)",
+        title=f"{run}: ROC of {score_name} (ID positive)",
     )
     ax.legend(loc="lower right", fontsize="small")
     return fig
 
 
 def histogram_figure(
-    score_name: str, id_scores: np.ndarray, ood_scores: dict[str, np.ndarray], bins: int = 100
+    run: str, score_name: str, id_scores: np.ndarray, ood_scores: dict[str, np.ndarray], bins: int = 100
 ) -> Figure:
     """Overlaid density histograms of one score on shared bins: ID against each OOD set."""
     id_scores = np.asarray(id_scores)
@@ -53,13 +55,15 @@ def histogram_figure(
     ax = fig.add_subplot()
     for name, scores in [("ID", id_scores), *ood_scores.items()]:
         ax.hist(scores, bins=edges, density=True, histtype="stepfilled", alpha=0.4, label=f"{name} (n={scores.size})")
-    ax.set(xlabel=f"{score_name} (higher = more in-distribution)", ylabel="density", title=f"{score_name} scores")
+    ax.set(xlabel=f"{score_name} (higher = more in-distribution)", ylabel="density", title=f"{run}: {score_name} scores")
     ax.legend(fontsize="small")
     return fig
 
 
-def epoch_curve_figure(history: dict[str, list[tuple[int, float]]], marks: dict[str, int]) -> Figure:
-    """Per-epoch curves of (epoch, value) pairs; keys containing "acc" go on a second y-axis.
+def epoch_curve_figure(run: str, score_name: str, history: dict[str, list[tuple[int, float]]],
+                       marks: dict[str, int]) -> Figure:
+    """Per-epoch curves of (epoch, value) pairs of a run's OOD metrics for one score; keys containing "acc" go on
+    a second y-axis.
 
     `marks` draws a labelled vertical line per named epoch, e.g. {"best OOD (val)": 3, "final": 9}.
     """
@@ -74,7 +78,7 @@ def epoch_curve_figure(history: dict[str, list[tuple[int, float]]], marks: dict[
         target.plot(epochs, values, marker=".", color=next(colors), label=key)
     for label, epoch in marks.items():
         ax.axvline(epoch, linestyle=":", color=next(colors), label=f"{label} (epoch {epoch})")
-    ax.set(xlabel="epoch", ylabel="metric")
+    ax.set(xlabel="epoch", ylabel="metric", title=f"{run}: {score_name} OOD metrics and ID accuracy per epoch")
     handles, labels = ax.get_legend_handles_labels()
     if ax_acc is not None:
         ax_acc.set_ylabel("accuracy")
@@ -82,6 +86,12 @@ def epoch_curve_figure(history: dict[str, list[tuple[int, float]]], marks: dict[
         handles, labels = handles + acc_handles, labels + acc_labels
     fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize="small")
     return fig
+
+
+def png_bytes(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:

@@ -1,10 +1,13 @@
-"""Plain-text results: long CSV and markdown tables of OOD metrics (values in percent)."""
+"""Results as text: long CSV and markdown tables of OOD metrics (values in percent), and a self-contained
+HTML page (tables, preformatted text, PNG figures inline as data URIs) for MLflow's artifact viewer."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 
 Metrics = Mapping[str, Mapping[str, Mapping[str, float]]]  # score -> set | group -> metric -> fraction
@@ -55,3 +58,55 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+PAGE_STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 7px}
+td{text-align:right}td:first-child{text-align:left}th{background:#f2f2f2}
+figure{display:inline-block;margin:0 1em 1em 0;vertical-align:top}img{max-width:560px;border:1px solid #ddd}
+pre{background:#f6f6f6;padding:1em;font-size:12px}"""
+
+
+def html_page(title: str, intro: str, sections: Sequence[tuple[str, str]]) -> str:
+    """A standalone page: a title, an introductory paragraph, then (heading, body HTML) sections."""
+    body = "\n".join(f"<h2>{html.escape(heading)}</h2>\n{content}" for heading, content in sections)
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{PAGE_STYLE}</style></head>\n<body><h1>{html.escape(title)}</h1>\n<p>{html.escape(intro)}</p>\n"
+            f"{body}\n</body></html>\n")
+
+
+def html_table(head: Sequence[str], rows: Sequence[Sequence[object]], strong: Collection[tuple[int, int]] = ()) -> str:
+    """A table of escaped cells; the (row, column) cells in `strong` are bold."""
+    cells = ["<tr>" + "".join(f"<td>{_bold(html.escape(str(c)), (i, j) in strong)}</td>" for j, c in enumerate(row))
+             + "</tr>" for i, row in enumerate(rows)]
+    return ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>\n" + "\n".join(cells)
+            + "</table>")
+
+
+def html_images(images: Sequence[tuple[str, bytes]]) -> str:
+    """PNG images with captions, embedded as data URIs (the page needs no other file)."""
+    return "\n".join(f"<figure><img alt=\"{html.escape(caption)}\" src=\"data:image/png;base64,"
+                     f"{base64.b64encode(png).decode()}\"><figcaption>{html.escape(caption)}</figcaption></figure>"
+                     for caption, png in images) or "<p>none</p>"
+
+
+def html_pre(text: str) -> str:
+    return f"<pre>{html.escape(text)}</pre>"
+
+
+def score_table(runs: Mapping[str, Mapping[str, float]], score: str, columns: Sequence[str]) -> str:
+    """One score across runs (flat metrics, percent): id_acc, then FPR95 and AUROC per set / group in `columns`;
+    the best value of each column in bold (lowest FPR95, highest AUROC and accuracy)."""
+    keys = ["id_acc", *(f"ood/{score}/{c}/{m}" for c in columns for m in ("fpr95", "auroc"))]
+    head = ["run", "id_acc", *(f"{c} {m}" for c in columns for m in ("fpr95", "auroc"))]
+    best = {}
+    for key in keys:
+        values = [flat[key] for flat in runs.values() if key in flat]
+        if values:
+            best[key] = min(values) if key.endswith("fpr95") else max(values)
+    rows = [[name, *(_fmt(flat.get(k)) for k in keys)] for name, flat in runs.items()]
+    strong = {(i, 1 + j) for i, flat in enumerate(runs.values()) for j, k in enumerate(keys)
+              if k in flat and flat[k] == best[k]}
+    return html_table(head, rows, strong)
+
+
+def _bold(cell: str, on: bool) -> str:
+    return f"<b>{cell}</b>" if on else cell

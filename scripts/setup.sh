@@ -11,6 +11,8 @@ packages="pkg-config libopencv-dev libturbojpeg0-dev"
 packages="$packages dataset-fashion-mnist"
 # The browser test renders the MLflow UI in Debian's headless Chromium, driven by its chromedriver.
 packages="$packages chromium chromium-driver"
+# PostgreSQL server binaries: tests/test_mlflow_server.py runs a real MLflow server on a PostgreSQL store.
+packages="$packages postgresql"
 command -v g++ >/dev/null 2>&1 || packages="$packages build-essential"
 missing=""
 for p in $packages; do

@@ -1,17 +1,25 @@
-"""Helpers for tests that start real servers on 127.0.0.1: free ports, waiting for readiness, the CLI as a process."""
+"""Helpers for tests that start real servers on 127.0.0.1: free ports, readiness, a local Ray cluster, the CLI."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+
+CLUSTER_HELPER = Path(__file__).parent / "local_ray_cluster.py"
+LOOPBACK_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray keeps 127.0.0.1 (see local_ray_cluster.py)
 
 
 def free_port() -> int:
@@ -47,6 +55,37 @@ def stop(process: subprocess.Popen, timeout_s: float = 60) -> None:
 
 
 def oodlab(*args: str, cwd: Path, env: Mapping[str, str]) -> subprocess.CompletedProcess:
-    """`oodlab ARGS` as its own process (this interpreter), stdout and stderr captured."""
-    return subprocess.run([sys.executable, "-m", "oodlab.cli", *args], cwd=cwd, env=dict(env), capture_output=True,
-                          text=True, timeout=900)
+    """`oodlab ARGS` as its own process (this interpreter); `.stdout` is stdout and stderr interleaved, as a user sees."""
+    return subprocess.run([sys.executable, "-m", "oodlab.cli", *args], cwd=cwd, env=dict(env), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=900)
+
+
+@dataclass
+class RayCluster:
+    address: str  # the GCS: ray.address for a driver
+    dashboard: str | None  # the job server
+    node_ids: list[str]
+
+
+@contextlib.contextmanager
+def local_ray_cluster(nodes: int = 1, cpus: int = 1, resources: dict | None = None, dashboard: bool = False,
+                      token: str | None = None) -> Iterator[RayCluster]:
+    """tests/local_ray_cluster.py in its own process group (token auth if `token`). Its environment has no MLflow
+    settings: only a job's or a driver's runtime_env brings them to its workers."""
+    tmp = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    port, dashboard_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")} | LOOPBACK_RAY
+    env |= {"RAY_TMPDIR": str(tmp), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token} if token else {"RAY_AUTH_MODE": "disabled"}
+    args = ["--nodes", str(nodes), "--cpus", str(cpus), "--resources", json.dumps(resources or {}), "--port", str(port)]
+    with (tmp / "cluster.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, str(CLUSTER_HELPER), *args,
+                                 *(["--dashboard-port", str(dashboard_port)] if dashboard else [])],
+                                env=env, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+    try:
+        ready = proc.stdout.readline().split()
+        assert ready[:1] == ["READY"], f"the Ray cluster did not start:\n{(tmp / 'cluster.log').read_text()[-3000:]}"
+        yield RayCluster(ready[1], f"http://127.0.0.1:{dashboard_port}" if dashboard else None, ready[2:])
+    finally:
+        stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)

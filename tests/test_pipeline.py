@@ -3,6 +3,7 @@ the `oodlab eval` command, and a real MLflow server started by `oodlab ui`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -14,12 +15,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import tiny_raw
 from mlflow.tracking import MlflowClient
 
 from oodlab import config
 from oodlab.cli import main
+from oodlab.datapipes.benchmarks import get_benchmark
 from oodlab.distributed import checkpoint, pipeline
 from oodlab.models import create_model
 
@@ -66,6 +69,49 @@ def test_training_run_is_tracked_in_mlflow(trained):
     plots = {a.path for a in client.list_artifacts(record.run_id, "plots")}
     assert {"plots/roc_energy.png", "plots/hist_msp.png", "plots/epoch_curve.png"} <= plots
     assert "config.yaml" in {a.path for a in client.list_artifacts(state.parent_run_id)}
+
+
+def test_mlflow_holds_what_a_user_compares(trained):
+    """Model-training experiment with the `oodlab ui` view; on the stage run: datasets, the final model at its last
+    epoch (loadable, with the run's metrics linked), per-node system metrics; on the pipeline run: the stage's
+    headline numbers and report.html."""
+    import mlflow
+
+    _, cfg, state = trained
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    experiment = client.get_experiment_by_name("test")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(experiment.tags["mlflow.sharedViewState.oodlab"])
+    assert view["orderByKey"] == "metrics.`ood/energy/all/auroc`" and "metrics.`id_acc`" in view["selectedColumns"]
+
+    run = client.get_run(state.stages["train"].run_id)
+    bench = get_benchmark("digits")
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {f"digits/{split}" for split in bench.splits}
+    manifest = Path(f"{bench.path(cfg.data.root, 'id_train')}.json").read_bytes()
+    assert inputs["digits/id_train"].dataset.digest == hashlib.sha256(manifest).hexdigest()[:16]
+    assert {t.key: t.value for t in inputs["digits/id_train"].tags}["mlflow.data.context"] == "train"
+
+    (output,) = run.outputs.model_outputs
+    assert output.step == 1  # the last epoch
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    logged = mlflow.get_logged_model(output.model_id)
+    assert {m.key: m.value for m in logged.metrics}["id_acc"] == run.data.metrics["id_acc"]
+    logits = mlflow.pytorch.load_model(f"models:/{output.model_id}")(torch.zeros(1, 3, 32, 32))
+    assert tuple(logits.shape) == (1, 10)
+
+    node = run.data.tags["ray.node_id.rank0"][:8]
+    system = {f"system/{node}/cpu_utilization_percentage", f"system/{node}/system_memory_usage_megabytes"}
+    assert system <= set(run.data.metrics)
+    assert 1 <= run.data.metrics["best_ood_epoch"] <= 2
+
+    parent = client.get_run(state.parent_run_id)
+    assert parent.data.metrics["train/id_acc"] == run.data.metrics["id_acc"]
+    headline = {f"train/energy/{g}/{m}" for g in ("near", "far", "all") for m in ("auroc", "fpr95")}
+    assert headline <= set(parent.data.metrics)
+    report = Path(client.download_artifacts(state.parent_run_id, "report.html")).read_text()
+    assert "t: stages compared" in report and "Score featnorm" in report
+    assert report.count("data:image/png;base64,") == 3  # the stage's ROC, histogram and per-epoch curve
 
 
 def test_rerun_resumes_instead_of_retraining(trained):

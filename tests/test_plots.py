@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
+from oodlab.distributed.artifacts import best_ood_epoch
 from oodlab.metrics import roc_points
 from oodlab.plots import epoch_curve_figure, histogram_figure, roc_figure, save_figure
 
@@ -33,19 +34,20 @@ def scores() -> tuple[np.ndarray, dict[str, np.ndarray]]:
 
 def test_roc_figure(tmp_path: Path, scores) -> None:
     id_scores, ood = scores
-    fig = roc_figure("energy", {name: roc_points(id_scores, s) for name, s in ood.items()})
+    fig = roc_figure("demo/baseline", "energy", {name: roc_points(id_scores, s) for name, s in ood.items()})
     (ax,) = fig.axes
     assert len(ax.lines) == len(ood) + 1  # one curve per OOD set plus the chance diagonal
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend[0].startswith("svhn (AUROC ") and legend[-1] == "chance"
-    assert "ID positive" in ax.get_title()
+    assert ax.get_title() == "demo/baseline: ROC of energy (ID positive)"
     assert_png_only(save_figure(fig, tmp_path / "roc_energy.png"))
 
 
 def test_histogram_figure_uses_shared_bins(tmp_path: Path, scores) -> None:
     id_scores, ood = scores
-    fig = histogram_figure("msp", id_scores, ood, bins=30)
+    fig = histogram_figure("demo/um", "msp", id_scores, ood, bins=30)
     (ax,) = fig.axes
+    assert ax.get_title() == "demo/um: msp scores"
     assert len(ax.patches) == 1 + len(ood)  # one filled step outline per distribution
     xs = [np.unique(p.get_xy()[:, 0]) for p in ax.patches]
     assert all(np.array_equal(x, xs[0]) and x.size == 31 for x in xs)
@@ -59,8 +61,9 @@ def test_epoch_curve_figure_puts_accuracy_on_second_axis(tmp_path: Path) -> None
         "id_acc": [(e, 0.8 + 0.01 * e) for e in range(10)],
     }
     marks = {"best OOD (val)": 3, "final": 9}
-    fig = epoch_curve_figure(history, marks)
+    fig = epoch_curve_figure("demo/umap", "energy", history, marks)
     ax, ax_acc = fig.axes
+    assert "demo/umap" in ax.get_title() and "energy" in ax.get_title()
     assert len(ax.lines) == 2 + len(marks) and len(ax_acc.lines) == 1
     assert ax_acc.get_ylabel() == "accuracy"
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
@@ -69,8 +72,17 @@ def test_epoch_curve_figure_puts_accuracy_on_second_axis(tmp_path: Path) -> None
 
 
 def test_epoch_curve_figure_without_accuracy_has_one_axis() -> None:
-    fig = epoch_curve_figure({"val fpr95": [(0, 0.5), (1, 0.4)]}, {})
+    fig = epoch_curve_figure("t/train", "msp", {"val fpr95": [(0, 0.5), (1, 0.4)]}, {})
     assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 1
+
+
+def test_best_ood_epoch_only_among_epochs_that_kept_id_accuracy() -> None:
+    """Epoch 2 rejects OOD data best because it knows nothing yet (10% accuracy): not eligible within 5 points."""
+    val_fpr95 = [(1, 60.0), (2, 5.0), (3, 40.0), (4, 30.0), (5, 35.0)]
+    id_val_acc = [(1, 80.0), (2, 10.0), (3, 88.0), (4, 86.0), (5, 90.0)]
+    assert best_ood_epoch(val_fpr95, id_val_acc, max_acc_drop=5.0) == 4  # epochs 3-5 are within 5 points: 30 wins
+    assert best_ood_epoch(val_fpr95, id_val_acc, max_acc_drop=1.0) == 5  # only the most accurate epoch is left
+    assert best_ood_epoch(val_fpr95, id_val_acc, max_acc_drop=100.0) == 2  # no bound: plain argmin
 
 
 def test_save_figure_replaces_and_cleans_up_on_failure(tmp_path: Path) -> None:
@@ -95,7 +107,7 @@ def test_plots_do_not_load_pyplot() -> None:
     """Figures must not register with pyplot's global figure manager (fresh interpreter to be sure)."""
     code = (
         "import sys, numpy as np; from oodlab.plots import histogram_figure;"
-        "histogram_figure('x', np.arange(5.0), {'o': np.arange(3.0)}).savefig(__import__('io').BytesIO());"
+        "histogram_figure('r', 'x', np.arange(5.0), {'o': np.arange(3.0)}).savefig(__import__('io').BytesIO());"
         "assert 'matplotlib.pyplot' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})

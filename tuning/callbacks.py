@@ -6,13 +6,15 @@ from typing import Any
 
 from ray.tune import Callback
 
+from oodlab.console import say
 from oodlab.distributed import pipeline, tracking
 from oodlab.tuning.space import overrides
 from oodlab.tuning.trial import release_placement_groups, trial_config
 
 
 class StatusLine(Callback):
-    """One printed line per epoch result, per finished or early-stopped trial, per failure."""
+    """On the terminal one line per finished, early-stopped or failed trial; one line per epoch result in Ray's
+    output (the log file, or the terminal with --verbose)."""
 
     def __init__(self, metric: str, epochs_key: str, default_epochs: int, total: int):
         self.metric, self.epochs_key, self.default_epochs, self.total = metric, epochs_key, default_epochs, total
@@ -31,11 +33,11 @@ class StatusLine(Callback):
         how = (f"finished {planned} epochs" if done >= planned
                else f"stopped early by the scheduler after {done}/{planned} epochs")
         value = f", objective {last['objective']:.2f}" if "objective" in last else ""
-        print(f"[sweep] {trial.trial_id} {how}{value}  ({self.ended(trials, trial)}/{self.total} trials ended)", flush=True)
+        say(f"[sweep] {trial.trial_id} {how}{value}  ({self.ended(trials, trial)}/{self.total} trials ended)")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        print(f"[sweep] {trial.trial_id} FAILED; its error is in {trial.path}  ({self.ended(trials, trial)}/{self.total} "
-              "trials ended)", flush=True)
+        say(f"[sweep] {trial.trial_id} FAILED; its error is in {trial.path}  ({self.ended(trials, trial)}/{self.total} "
+            "trials ended)")
 
     @staticmethod
     def ended(trials: list, trial) -> int:

@@ -82,21 +82,26 @@ def trials_csv(rows: Sequence[TrialRow], keys: Sequence[str], metric: str) -> st
     return out.getvalue()
 
 
-def trials_markdown(rows: Sequence[TrialRow], keys: Sequence[str], metric: str, best: TrialRow | None) -> str:
+def trials_table(rows: Sequence[TrialRow], keys: Sequence[str], metric: str,
+                 best: TrialRow | None) -> tuple[list[str], list[list[Any]]]:
     body = [[f"{r.trial_id}{' (best)' if r is best else ''}", r.status, r.epochs, *(_short(r.params[k]) for k in keys),
              _pct(r.objective), _pct(r.metric), _pct(r.id_val_acc)] for r in rows]
-    return markdown(columns(keys, metric), body)
+    return columns(keys, metric), body
 
 
-def objective_figure(rows: Sequence[TrialRow], space: Mapping[str, Dist], best: TrialRow | None, metric: str,
-                     mode: str) -> Figure:
+def trials_markdown(rows: Sequence[TrialRow], keys: Sequence[str], metric: str, best: TrialRow | None) -> str:
+    return markdown(*trials_table(rows, keys, metric, best))
+
+
+def objective_figure(name: str, rows: Sequence[TrialRow], space: Mapping[str, Dist], best: TrialRow | None,
+                     metric: str, mode: str) -> Figure:
     """Objective against each searched value, one panel per dimension; the best trial starred."""
     scored = [r for r in rows if r.objective is not None]
     ncols = min(3, len(space))
     nrows = -(-len(space) // ncols)
     fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows), layout="constrained")
     FigureCanvasAgg(fig)
-    fig.suptitle(f"objective: {metric}, validation ({'lower' if mode == 'min' else 'higher'} is better)")
+    fig.suptitle(f"{name}: objective {metric}, validation ({'lower' if mode == 'min' else 'higher'} is better)")
     for i, (key, dist) in enumerate(space.items()):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         xs, ticks = _positions([r.params[key] for r in scored])

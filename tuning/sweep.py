@@ -29,10 +29,14 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlg
 from ray.tune.search.optuna import OptunaSearch
 
 from oodlab.atomic import write_text
+from oodlab.console import say
 from oodlab.config import Config, ConfigError, flatten, to_dict
 from oodlab.datapipes.benchmarks import for_config
 from oodlab.distributed import pipeline, tracking
+from oodlab.distributed.artifacts import log_report
 from oodlab.distributed.launch import ensure_ray
+from oodlab.plots import png_bytes
+from oodlab.report import html_images, html_table
 from oodlab.tuning import summary
 from oodlab.tuning.callbacks import StatusLine, TrialCleanup, close_trial
 from oodlab.tuning.objective import check_objective, tuned_stage
@@ -123,7 +127,7 @@ def retire(cfg: Config, folder: Path) -> None:
             tracking.end_run(cfg.mlflow.tracking_uri, run_id, "KILLED")
     aside = folder.with_name(f"sweep.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
     shutil.move(folder, aside)
-    print(f"[sweep] --restart: the previous sweep moved to {aside}", flush=True)
+    say(f"[sweep] --restart: the previous sweep moved to {aside}")
 
 
 def tuner(cfg: Config, base: dict[str, Any], state: SweepState, concurrency: int) -> tune.Tuner:
@@ -133,7 +137,7 @@ def tuner(cfg: Config, base: dict[str, Any], state: SweepState, concurrency: int
                                     {"CPU": TRIAL_DRIVER_CPUS})
     experiment = str(sweep_folder(cfg) / "tune")
     if tune.Tuner.can_restore(experiment):
-        print(f"[sweep] resuming {experiment}", flush=True)
+        say(f"[sweep] resuming {experiment}")
         return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
     stage = tuned_stage(cfg)
     status = StatusLine(search.metric, f"stages.{stage}.epochs", cfg.stages[stage].epochs, expected_trials(search))
@@ -199,18 +203,32 @@ def finish(cfg: Config, base: dict[str, Any], state: SweepState, results: tune.R
         client = tracking.client(cfg.mlflow.tracking_uri)
         result.best_run_id = pipeline_state.parent_run_id
         result.best_runs = {name: client.get_run(rec.run_id).data.metrics for name, rec in pipeline_state.stages.items()}
-    log_sweep(cfg, result)
+    log_sweep(cfg, result, trial_runs(cfg, base, rows))
     return result
 
 
-def log_sweep(cfg: Config, result: summary.SweepResult) -> None:
-    """The parent run: trials table (CSV + markdown), objective plot, best config; then it ends."""
+def trial_runs(cfg: Config, base: dict[str, Any], rows: list[summary.TrialRow]) -> dict[str, str]:
+    """Trial id -> the MLflow run of its tuned stage, for the trials that started it."""
+    stage, runs = tuned_stage(cfg), {}
+    for row in rows:
+        state = pipeline.PipelineState.load(pipeline.state_path(trial_config(base, row.params, row.trial_id)))
+        if stage in state.stages:
+            runs[row.trial_id] = state.stages[stage].run_id
+    return runs
+
+
+def log_sweep(cfg: Config, result: summary.SweepResult, trials: dict[str, str]) -> None:
+    """The parent run: trials table (CSV + markdown), objective plot, best config, report.html; then it ends."""
     uri, search, keys = cfg.mlflow.tracking_uri, cfg.search, list(cfg.search.space)
     logger = tracking.RunLogger(uri, result.parent_run_id)
     logger.text(summary.trials_csv(result.rows, keys, search.metric), "trials.csv")
     logger.text(summary.trials_markdown(result.rows, keys, search.metric, result.best), "trials.md")
-    figure = summary.objective_figure(result.rows, search.space, result.best, search.metric, search.mode)
+    figure = summary.objective_figure(cfg.name, result.rows, search.space, result.best, search.metric, search.mode)
     logger.figure(figure, "objective.png")
+    trials_table = html_table(*summary.trials_table(result.rows, keys, search.metric, result.best))
+    log_report(cfg, result.parent_run_id, f"{cfg.name}: trials compared", trials,
+               [("Trials (chosen on validation only: the objective)", trials_table),
+                ("Objective", html_images([("objective per searched value", png_bytes(figure))]))])
     if result.best is not None:
         logger.text(summary.best_config_yaml(cfg, result.best.params), "best_config.yaml")
         logger.tags({"oodlab.best_trial": result.best.trial_id, "oodlab.best_run_id": result.best_run_id})

@@ -1,0 +1,139 @@
+"""The MLflow UI as a user sees it, rendered by a real browser (Debian's headless Chromium driven by chromedriver).
+
+A tiny two-stage pipeline writes a sqlite store; `oodlab ui` serves it on a free port on 127.0.0.1; the page
+`oodlab ui` prints must show each stage as its own row with OOD metric columns, chart the stages' per-epoch
+curves together, and the pipeline's report.html must render in MLflow's artifact viewer with its images.
+Screenshots are saved under the test's temp folder (their paths are printed).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_raw
+from servers import free_port, stop, wait_for_http
+
+from oodlab import config
+from oodlab.distributed import pipeline
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+CHROMIUM, CHROMEDRIVER = "chromium", "chromedriver"
+STAGES = {"baseline": {"epochs": 2, "lr": 0.05},
+          "bg": {"init": "baseline", "epochs": 1, "lr": 0.01, "background": {"weight": 0.1}}}
+SETUP_HINT = "run `make setup` (scripts/setup.sh installs Debian's chromium and chromium-driver, and selenium)"
+
+
+def browser():
+    """Headless Chromium under selenium, 1920x1080; fails (never skips) when the browser is not installed."""
+    binary, driver = shutil.which(CHROMIUM), shutil.which(CHROMEDRIVER)
+    if binary is None or driver is None:
+        pytest.fail(f"{CHROMIUM} and {CHROMEDRIVER} are needed for this test: {SETUP_HINT}")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail(f"selenium is needed for this test: {SETUP_HINT}")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1920,1080"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def wait_for_text(driver, texts: list[str], timeout_s: float = 120) -> str:
+    """The page's rendered text once it contains every one of `texts` (the UI loads its data asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body = driver.find_element("tag name", "body").text
+        missing = [t for t in texts if t not in body]
+        if not missing:
+            return body
+        assert time.monotonic() < deadline, f"the page never showed {missing}; it shows:\n{body[:3000]}"
+        time.sleep(1)
+
+
+def screenshot(driver, path: Path) -> None:
+    driver.save_screenshot(str(path))
+    print(f"screenshot: {path}")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, demo_root):
+    """A finished two-stage pipeline and `oodlab ui` serving its store; yields (state, page URL, base URL, tmp)."""
+    tmp = tmp_path_factory.mktemp("ui")
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump({**tiny_raw(tmp, demo_root), "stages": STAGES}))
+    state = pipeline.run(config.load(path))
+    port = free_port()
+    log = tmp / "ui.log"
+    with log.open("w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "oodlab.cli", "ui", str(path), "--port", str(port)],
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{base}/health", server, "oodlab ui")
+        page = re.search(r"open (\S+)", log.read_text()).group(1)  # the address `oodlab ui` tells the user to open
+        yield state, page, base, tmp
+    finally:
+        stop(server)
+
+
+def test_runs_page_shows_each_stage_with_ood_columns_and_their_curves(served):
+    state, page, base, tmp = served
+    assert page.startswith(f"{base}/#/experiments/") and "workflowType=machine_learning" in page
+    driver = browser()
+    try:
+        driver.get(page)
+        # One row per stage with its numbers, no click: the shared view sorts by a metric (child runs un-nest). The
+        # table renders only the columns in view: the first headline columns.
+        body = wait_for_text(driver, ["t/baseline", "t/bg", "id_acc", "ood/energy/all/auroc", "ood/energy/all/fpr95"])
+        for name, record in state.stages.items():
+            assert f"{record.metrics['id_acc']:.10f}"[:5] in body, f"{name}: its id_acc is not in the table"
+        assert "GenAI" not in driver.current_url and "Runs" in body
+        screenshot(driver, tmp / "runs_page.png")
+
+        driver.get(f"{page}&compareRunsMode=CHART")  # the same view's charts: per-epoch curves of both stages
+        charts = wait_for_text(driver, ["ood/energy/val/fpr95", "t/baseline (ood/energy/val/fpr95)",
+                                        "t/bg (ood/energy/val/fpr95)"])
+        assert "Model metrics (0)" not in charts
+        screenshot(driver, tmp / "charts.png")
+    finally:
+        driver.quit()
+
+
+def test_report_renders_in_the_artifact_viewer_with_its_images(served):
+    state, page, base, tmp = served
+    from selenium.webdriver.common.by import By
+
+    experiment = re.search(r"#/experiments/(\d+)/", page).group(1)
+    driver = browser()
+    try:
+        driver.get(f"{base}/#/experiments/{experiment}/runs/{state.parent_run_id}/artifacts/report.html"
+                   "?workflowType=machine_learning")
+        wait_for_text(driver, ["report.html"])
+        deadline = time.monotonic() + 60
+        while not driver.find_elements(By.TAG_NAME, "iframe"):
+            assert time.monotonic() < deadline, "MLflow's artifact viewer did not render report.html"
+            time.sleep(1)
+        driver.switch_to.frame(driver.find_element(By.TAG_NAME, "iframe"))
+        report = wait_for_text(driver, ["t: stages compared", "Score energy", "Score msp", "Config"])
+        assert all(f"\n{name} " in report for name in STAGES), "each stage has a row in the comparison tables"
+        images = driver.find_elements(By.TAG_NAME, "img")
+        assert len(images) == 3 * len(STAGES)  # ROC, histogram and per-epoch curve of each stage
+        widths = [driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i) for i in images]
+        assert all(w and w > 100 for w in widths), f"images that did not decode: {widths}"
+        driver.switch_to.default_content()
+        screenshot(driver, tmp / "report_top.png")
+        driver.switch_to.frame(driver.find_element(By.TAG_NAME, "iframe"))
+        driver.execute_script("arguments[0].scrollIntoView()", images[0])
+        driver.switch_to.default_content()
+        screenshot(driver, tmp / "report_images.png")
+    finally:
+        driver.quit()
