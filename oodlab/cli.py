@@ -107,8 +107,10 @@ def ray_output(args: argparse.Namespace, cfg: config_mod.Config, command: str) -
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config, args.overrides)
+    from oodlab.datapipes.benchmarks import for_config
     from oodlab.distributed import pipeline
 
+    for_config(cfg)  # benchmark errors and missing files: before any log file, run folder or Ray
     with ray_output(args, cfg, "train"):
         state = pipeline.run(cfg, restart=args.restart)
     print_comparison(cfg, pipeline.results(state))
@@ -158,8 +160,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config, args.overrides)
+    from oodlab.datapipes.benchmarks import for_config
     from oodlab.tuning import summary, sweep
 
+    for_config(cfg)
     with ray_output(args, cfg, "tune"):
         result = sweep.run(cfg, restart=args.restart)
     print(summary.text(result, cfg, args.config, args.overrides))
