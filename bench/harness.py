@@ -55,8 +55,8 @@ def _write_chunk(jobs: list[Job], side: int, quality: int) -> None:
 
 def write_jpegs(jobs: list[Job], side: int, workers: int, quality: int = 90) -> None:
     """Write every JPEG, `workers` processes at a time."""
-    for path, _, _ in jobs:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    for folder in {path.parent for path, _, _ in jobs}:
+        folder.mkdir(parents=True, exist_ok=True)
     if workers <= 1:
         _write_chunk(jobs, side, quality)
         return
