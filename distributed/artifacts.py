@@ -115,6 +115,9 @@ def log_report(cfg: Config, run_id: str, title: str, models: Mapping[str, str],
     intro = (f"Benchmark {bench.name}. Percent; fpr95: OOD samples accepted at 95% ID recall (ID positive, lower is "
              f"better); auroc: higher is better; the best value of each column in bold; {VAL}: the OOD validation "
              "split (what selection may use), all other OOD columns are test sets.")
+    if bench.val_overlaps:
+        intro += (f" Marked: {', '.join(bench.val_overlaps)} shares data with the OOD validation split (declared in "
+                  "the benchmark), so tuning may flatter it; it is left out of every group average and of all.")
     tracking.RunLogger(cfg.mlflow.tracking_uri, run_id).text(html_page(title, intro, sections), REPORT)
 
 
