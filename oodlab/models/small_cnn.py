@@ -12,6 +12,7 @@ from timm.layers import create_classifier
 from timm.models import register_model
 from torch import nn
 
+from oodlab.models.classifier import PooledClassifier
 from oodlab.models.resnet_cifar import constructor_kwargs
 
 
@@ -19,7 +20,7 @@ def _conv_bn_relu(in_chs: int, out_chs: int) -> list[nn.Module]:
     return [nn.Conv2d(in_chs, out_chs, 3, padding=1, bias=False), nn.BatchNorm2d(out_chs), nn.ReLU(inplace=True)]
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(PooledClassifier):
     def __init__(self, num_classes: int = 10, in_chans: int = 3, widths: tuple[int, ...] = (32, 64, 128),
                  global_pool: str = "avg"):
         super().__init__()
@@ -30,14 +31,6 @@ class SmallCNN(nn.Module):
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = widths[-1]
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        pool_type = self.global_pool.pool_type if global_pool is None else global_pool
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=pool_type)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

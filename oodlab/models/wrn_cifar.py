@@ -11,6 +11,7 @@ from timm.layers import BatchNormAct2d, create_classifier
 from timm.models import register_model
 from torch import nn
 
+from oodlab.models.classifier import PooledClassifier
 from oodlab.models.resnet_cifar import constructor_kwargs
 
 
@@ -37,7 +38,7 @@ class PreActBlock(nn.Module):
         return out + (x if self.shortcut is None else self.shortcut(act))
 
 
-class WideResNet(nn.Module):
+class WideResNet(PooledClassifier):
     """WRN-depth-widen: a 3x3 stem to 16 channels, three stages of (depth-4)/6 blocks at widths 16k/32k/64k.
 
     Args:
@@ -85,15 +86,6 @@ class WideResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a fresh one for `num_classes` outputs (0: identity)."""
-        self.num_classes = num_classes
-        pool_type = self.global_pool.pool_type if global_pool is None else global_pool
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=pool_type)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map after the final BN+ReLU: what enters global average pooling."""
