@@ -22,7 +22,7 @@ count and the pixel mean / std computed from id.train when the YAML gives none (
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -185,7 +185,6 @@ class Benchmark:
     num_classes: int | None = None  # None until known: from the YAML or the built files
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
-    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
