@@ -310,7 +310,29 @@ def for_config(cfg: Config) -> Benchmark:
             "`val: {fraction: 0.2, of: test}` or a separate source), or set model.weights_saw_id_train=false if "
             "the weights come from other data")
     bench.require(cfg.data.root)
-    return with_built_stats(bench, cfg.data.root)
+    bench = with_built_stats(bench, cfg.data.root)
+    check_built(bench, cfg.data.root)
+    return bench
+
+
+def check_built(bench: Benchmark, root: Path) -> None:
+    """Refuse ID files whose labels fall outside [0, num_classes) or whose images are smaller than the
+    benchmark's image_size (headers only, no decoding): both mean files built for another benchmark."""
+    from oodlab.datapipes.beton import read_info
+
+    for split in ID_SPLITS:
+        path = bench.path(root, split)
+        if path.suffix != ".beton" or not bench.num_classes:
+            continue
+        info = read_info(path)
+        bad = sorted(label for label in info.label_counts if not 0 <= label < bench.num_classes)
+        if bad:
+            raise BenchmarkError(f"{path}: labels {bad[:5]} are outside [0, {bench.num_classes}) (num_classes of benchmark "
+                                 f"'{bench.name}'); rebuild it with `{bench.build_command(root)} --force` or fix num_classes")
+        if min(info.min_size) < bench.image_size:
+            raise BenchmarkError(f"{path}: images of {info.min_size[0]}x{info.min_size[1]} px, smaller than image_size "
+                                 f"{bench.image_size} of benchmark '{bench.name}'; rebuild it with "
+                                 f"`{bench.build_command(root)} --force` or set image_size")
 
 
 def stats_path(bench: Benchmark, root: Path) -> Path:

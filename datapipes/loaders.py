@@ -6,7 +6,9 @@ sample id of the file before sharding), `len(loader)` (batches per epoch on this
 epoch on every `iter()`.
 
 Pipelines. Train (the benchmark's `augment`): random-resized crop + flip (ImageNet), pad-4 random crop +
-flip (CIFAR), flip only, or none.
+flip (CIFAR), flip only, or none. Flips and pad-crops draw from (seed, epoch, sample) (`SeededFlipTranslate`,
+like the fallback), so training is reproducible and resumes exactly; FFCV's random-resized crop draws
+from numba's per-thread generators, which cannot be seeded or saved: ImageNet-style runs are not bit-exact.
 Eval: center crop of `eval_crop_ratio` of the shorter side, resized to the ID resolution (ImageNet:
 224/256, i.e. Resize 256 + CenterCrop 224; CIFAR: the whole 32x32 image). Normalisation is a numba
 lookup table before ToTensor on every device: after ToTensor FFCV 1.0.2's Loader spins forever on CPU
@@ -45,11 +47,10 @@ import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
-from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, RandomTranslate, Squeeze, ToDevice, ToTensor,
-                             ToTorchImage)
+from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from oodlab.datapipes.benchmarks import Benchmark
-from oodlab.datapipes.ops import NormalizeCHW
+from oodlab.datapipes.ops import NormalizeCHW, SeededFlipTranslate
 
 if TYPE_CHECKING:
     from oodlab.datapipes.torch_loader import TorchLoader
@@ -101,7 +102,7 @@ class LoaderSpec:
         return self.path.suffix == ".beton"
 
 
-def build_loader(bench: Benchmark, spec: LoaderSpec) -> Loader | TorchLoader:
+def build_loader(bench: Benchmark, spec: LoaderSpec) -> SeededLoader | TorchLoader:
     """FFCV Loader for a .beton, else the torch DataLoader fallback over `open_source(spec.path)`."""
     if not spec.is_beton:
         from oodlab.datapipes.sources import open_source
@@ -110,7 +111,9 @@ def build_loader(bench: Benchmark, spec: LoaderSpec) -> Loader | TorchLoader:
         return TorchLoader(bench, spec, open_source(spec.path, ood=spec.ood))
     if not spec.path.is_file():
         raise FileNotFoundError(f"{spec.path}: no such .beton; see `oodlab data write` / `oodlab data benchmark`")
-    return Loader(
+    pipeline = image_pipeline(bench, spec)
+    return SeededLoader(
+        [op for op in pipeline if isinstance(op, SeededFlipTranslate)],
         str(spec.path),
         batch_size=spec.batch_size,
         num_workers=cpu_budget(spec.threads),
@@ -120,9 +123,23 @@ def build_loader(bench: Benchmark, spec: LoaderSpec) -> Loader | TorchLoader:
         distributed=spec.distributed,
         seed=spec.seed,
         indices=None if spec.indices is None else list(spec.indices),
-        pipelines={"image": image_pipeline(bench, spec), "label": label_pipeline(spec)},
+        pipelines={"image": pipeline, "label": label_pipeline(spec)},
         batches_ahead=2,
     )
+
+
+class SeededLoader(Loader):
+    """FFCV's Loader that tells its seeded augmentations which epoch each iter() reads (FFCV counts epochs in
+    `next_epoch`; a resumed run sets it)."""
+
+    def __init__(self, augmentations: list[SeededFlipTranslate], *args, **kwargs):
+        self.augmentations = augmentations
+        super().__init__(*args, **kwargs)
+
+    def __iter__(self):
+        for op in self.augmentations:
+            op.epoch[0] = self.next_epoch
+        return super().__iter__()
 
 
 def cpu_budget(requested: int) -> int:
@@ -155,10 +172,11 @@ def image_pipeline(bench: Benchmark, spec: LoaderSpec) -> list:
     if not spec.augment or bench.augment == "none":
         decode = [CenterCropRGBImageDecoder(size, ratio=bench.eval_crop_ratio)]
     elif bench.augment == "random-resized-crop":
-        decode = [RandomResizedCropRGBImageDecoder(size, scale=RRC_SCALE, ratio=RRC_RATIO), RandomHorizontalFlip()]
+        decode = [RandomResizedCropRGBImageDecoder(size, scale=RRC_SCALE, ratio=RRC_RATIO),
+                  SeededFlipTranslate(0, spec.seed)]
     else:  # flip, pad-crop: any stored size is first brought to the ID resolution (identity for 32x32 CIFAR)
-        decode = [CenterCropRGBImageDecoder(size, ratio=1.0), RandomHorizontalFlip()]
-        decode += [RandomTranslate(padding=PAD)] if bench.augment == "pad-crop" else []
+        pad = PAD if bench.augment == "pad-crop" else 0
+        decode = [CenterCropRGBImageDecoder(size, ratio=1.0), SeededFlipTranslate(pad, spec.seed)]
     if spec.channels_last:  # NHWC memory viewed as NCHW: no copy
         ops = [*decode, NormalizeImage(*pixel_stats(bench), np.float32), ToTensor(), ToTorchImage(channels_last=True)]
     else:

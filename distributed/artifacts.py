@@ -1,7 +1,11 @@
 """What gets attached to MLflow runs: rank 0's artifacts on a stage's run after its final evaluation; the
 driver's record of a finished stage (datasets, final model, headline numbers on the pipeline's run); and
 the driver's `report.html` on a pipeline's or a sweep's run (one self-contained page that MLflow's
-artifact viewer renders: tables, and every figure inline as a PNG data URI)."""
+artifact viewer renders: tables, and every figure inline as a PNG data URI).
+
+The epoch curve, the stage record and the report read runs back from MLflow, so each is one replayable
+operation of a RunLogger: while the server is away it waits in the run's buffer behind the metrics it
+reads, and runs when they have been sent (see tracking_buffer)."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from oodlab.datapipes.benchmarks import Benchmark, get_benchmark
 from oodlab.distributed import checkpoint, tracking
 from oodlab.distributed.evaluate import VAL, Evaluation
 from oodlab.distributed.tracking import RunLogger
+from oodlab.distributed.tracking_buffer import replayable
 from oodlab.models import create_model
 from oodlab.plots import epoch_curve_figure, histogram_figure, roc_figure
 from oodlab.report import html_images, html_page, html_pre, html_table, metrics_csv, metrics_markdown, score_table
@@ -45,7 +50,7 @@ def log_final_artifacts(log: RunLogger | None, ev: Evaluation | None, bench: Ben
         np.savez_compressed(path, **{f"{score}/{split}": v for score, d in ev.scores.items() for split, v in d.items()})
         log.artifact(path)
     if epoch is not None:
-        log_epoch_curve(log, eval_cfg.select, eval_cfg.best_epoch_max_acc_drop)
+        log.send(log_epoch_curve, select=eval_cfg.select, max_acc_drop=eval_cfg.best_epoch_max_acc_drop)
 
 
 def best_ood_epoch(val_fpr95: Sequence[tuple[int, float]], id_val_acc: Sequence[tuple[int, float]],
@@ -58,6 +63,7 @@ def best_ood_epoch(val_fpr95: Sequence[tuple[int, float]], id_val_acc: Sequence[
     return min(eligible or val_fpr95, key=lambda point: point[1])[0]
 
 
+@replayable
 def log_epoch_curve(log: RunLogger, select: str, max_acc_drop: float) -> dict[str, int]:
     """Plot fpr95 (validation and test) and ID accuracy (validation and test) per epoch; mark the best-OOD epoch
     on validation among the epochs that kept ID validation accuracy, and the final one."""
@@ -70,7 +76,7 @@ def log_epoch_curve(log: RunLogger, select: str, max_acc_drop: float) -> dict[st
         return {}
     best = best_ood_epoch(val, history["id_val_acc"], max_acc_drop)
     marks = {f"best OOD (val), ID val acc within {max_acc_drop:g} pts of best": best, "final": val[-1][0]}
-    log.metrics({"best_ood_epoch": best}, step=val[-1][0] - 1)
+    log.metrics_once({"best_ood_epoch": best}, step=val[-1][0] - 1)
     log.figure(epoch_curve_figure(log.run_name(), select, history, marks), "epoch_curve.png")
     return marks
 
@@ -80,8 +86,18 @@ def finish_stage(cfg: Config, bench: Benchmark, stage: str, run_id: str, checkpo
     """Record a finished stage, then end its run: every split as a dataset input, a training stage's final model as
     an MLflow model at its last epoch, and the stage's headline numbers on the pipeline's run."""
     headline = tracking.stage_headline(stage, metrics, cfg.eval.select, [*bench.groups, "all"])
-    RunLogger(cfg.mlflow.tracking_uri, pipeline_run_id).metrics(headline, step=0)
-    with tracking.active_run(cfg.mlflow.tracking_uri, run_id):
+    folder = tracking.buffer_folder(cfg)
+    RunLogger(cfg.mlflow.tracking_uri, pipeline_run_id, folder).metrics(headline, step=0)
+    RunLogger(cfg.mlflow.tracking_uri, run_id, folder).send(record_stage, config=to_dict(cfg), stage=stage,
+                                                             checkpoint_dir=checkpoint_dir)
+
+
+@replayable
+def record_stage(log: RunLogger, config: dict, stage: str, checkpoint_dir: str | None) -> None:
+    """finish_stage's record on the stage's run (which it ends FINISHED): datasets, and the final model."""
+    cfg = Config.model_validate(config)
+    bench = get_benchmark(cfg.data.benchmark, cfg.data.root)
+    with tracking.active_run(log.tracking_uri, log.run_id):
         tracking.log_datasets(bench, cfg.data.root)
         if isinstance(cfg.stages[stage], TrainStage) and checkpoint_dir is not None:
             m = cfg.model
@@ -97,7 +113,20 @@ def log_report(cfg: Config, run_id: str, title: str, models: Mapping[str, str],
     """`report.html` on `run_id`: `extra` sections, then for the models (name -> MLflow run) one comparison table per
     score (ID accuracy, FPR95 and AUROC per OOD set, group and the validation split), the forgetting thresholds,
     each model's ROC curves and histograms of the selected score and its per-epoch curves, and the config."""
-    client = tracking.client(cfg.mlflow.tracking_uri)
+    RunLogger(cfg.mlflow.tracking_uri, run_id, tracking.buffer_folder(cfg)).send(
+        write_report, config=to_dict(cfg), title=title, models=dict(models), extra=[list(e) for e in extra])
+
+
+@replayable
+def write_report(log: RunLogger, config: dict, title: str, models: Mapping[str, str],
+                 extra: Sequence[Sequence[str]]) -> None:
+    """log_report's page, once what the models' runs have waiting in the same buffer folder has been sent."""
+    if log.buffer is not None:
+        for model_run in models.values():
+            if not RunLogger(log.tracking_uri, model_run, log.buffer.folder).flush():
+                raise ConnectionError(f"run {model_run} has records waiting that the server did not take")
+    cfg = Config.model_validate(config)
+    client = log.client
     runs = {name: client.get_run(model_run) for name, model_run in models.items()}
     bench = get_benchmark(cfg.data.benchmark)
     scored = {name: run.data.metrics for name, run in runs.items() if "id_acc" in run.data.metrics}
@@ -118,7 +147,7 @@ def log_report(cfg: Config, run_id: str, title: str, models: Mapping[str, str],
     if bench.val_overlaps:
         intro += (f" Marked: {', '.join(bench.val_overlaps)} shares data with the OOD validation split (declared in "
                   "the benchmark), so tuning may flatter it; it is left out of every group average and of all.")
-    tracking.RunLogger(cfg.mlflow.tracking_uri, run_id).text(html_page(title, intro, sections), REPORT)
+    log.text(html_page(title, intro, sections), REPORT)
 
 
 def forgetting_thresholds(runs: Mapping[str, Run]) -> list[list[str]]:

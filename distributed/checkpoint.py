@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from oodlab.atomic import atomic_path, write_text
+from oodlab.config import Config
 
 MODEL = "model.pt"
 TRAIN_STATE = "train_state.pt"
@@ -53,6 +54,30 @@ def model_file(path: str | Path) -> Path:
 
 def read_meta(directory: Path) -> dict[str, Any]:
     return json.loads((directory / META).read_text())
+
+
+def ray_run_dir(cfg: Config, stage: str) -> Path:
+    """Where Ray Train keeps a stage's checkpoints and run state: `<ray.storage_path>/<name>.<stage>`."""
+    return cfg.ray.storage_path / f"{cfg.name}.{stage}"
+
+
+def dir_name(stage: str, epoch: int) -> str:
+    return f"{stage}_epoch_{epoch:04d}"
+
+
+def newest_training_state(cfg: Config, stage: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(train_state, meta) of the stage's newest complete checkpoint in its Ray run folder, or None.
+
+    Read from storage rather than from `ray.train.get_checkpoint()`: a checkpoint is complete once its files are
+    there, but Ray Train registers it only when its controller next polls the workers, so after a worker dies
+    Ray may hand back the one before. A checkpoint whose files are incomplete (a copy cut short) is skipped.
+    """
+    for path in sorted(ray_run_dir(cfg, stage).glob(f"{stage}_epoch_*"), reverse=True):
+        try:
+            return load(path / TRAIN_STATE), read_meta(path)
+        except (OSError, RuntimeError, ValueError, EOFError):
+            continue
+    return None
 
 
 def _save_tensor_file(path: Path, state: dict[str, Any]) -> None:

@@ -52,10 +52,11 @@ class Evaluation:
         return {s: roc_points(self.scores[score][id_split], self.scores[score][s]) for s in ood_sets}
 
 
-def local_outputs(net: FeatureNet, batches: Batches, amp: bool = False) -> Outputs:
-    """Run the model over this worker's batches (eval mode, no grad) and cache what scores need."""
+def local_outputs(net: FeatureNet, batches: Batches) -> Outputs:
+    """Run the model over this worker's batches (eval mode, no grad, fp32 even when training uses bf16: no
+    score ties) and cache what scores need."""
     parts = []
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+    with torch.no_grad():
         for x, y in batches:
             logits, pooled, fmap = net(x)
             # clone: FFCV reuses its batch buffers, so a kept reference would be overwritten later
@@ -90,7 +91,6 @@ def evaluate(
     bench: Benchmark,
     scores: list[str],
     params: dict[str, dict] | None = None,
-    amp: bool = False,
 ) -> Evaluation | None:
     """Score every split; every rank must call this; rank 0 gets the Evaluation, the others None.
 
@@ -101,7 +101,7 @@ def evaluate(
     net.eval()
     splits = ["id_val", "id_test", "ood_val", *bench.ood_test]
     needed = ["id_train", *splits] if FITS_ON_TRAIN & set(scores) else splits
-    cached = {s: gather_outputs(local_outputs(net, loaders[s], amp), sizes[s]) for s in needed}
+    cached = {s: gather_outputs(local_outputs(net, loaders[s]), sizes[s]) for s in needed}
     odin = {}
     if "odin" in scores:
         odin = {s: gather_rows(odin_pass(net, loaders[s], bench.std, params.get("odin", {})), sizes[s]).cpu()

@@ -9,12 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import ray._private.ray_constants as ray_constants
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from oodlab.config import Config, RayConfig
+from oodlab.errors import StageFailed
+from oodlab.distributed.checkpoint import ray_run_dir
 from oodlab.distributed.tracking import tracking_env
-from oodlab.distributed.worker import Job, train_loop_per_worker
+from oodlab.distributed.worker import STAGE_ERROR, Job, train_loop_per_worker
 
 SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
 
@@ -35,8 +38,26 @@ def ensure_ray(cfg: RayConfig) -> None:
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     env = {} if SUBMITTED_JOB_ENV in os.environ else tracking_env()
-    ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", **env}})
+    local = loopback_only() if cfg.address is None and "RAY_ADDRESS" not in os.environ else {}
+    try:
+        ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", **env}}, **local)
+    except ConnectionError as err:
+        raise ConnectionError(f"ray.address: no Ray cluster answers at {cfg.address!r} ({err}); start it "
+                              "(`ray start --head`), fix the address, or remove ray.address to start a local "
+                              "instance") from None
+
+
+def loopback_only() -> dict[str, str]:
+    """ray.init arguments for a local instance that listens on 127.0.0.1 only.
+
+    Ray otherwise binds and advertises the machine's routable address: its ENABLE_RAY_CLUSTER constant (read
+    from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when ray is imported) turns that off; the variable reaches the
+    processes Ray starts.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    return {"_node_ip_address": "127.0.0.1"}
 
 
 def check_resources(cfg: RayConfig) -> None:
@@ -67,7 +88,7 @@ def trainer(cfg: Config, job: Job, callbacks: list[Any] | None = None,
                                      resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {}),
                                                            **r.resources_per_worker}),
         run_config=RunConfig(
-            name=f"{cfg.name}.{job.stage}",
+            name=ray_run_dir(cfg, job.stage).name,
             storage_path=str(r.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             failure_config=FailureConfig(max_failures=r.max_failures),
@@ -84,5 +105,7 @@ def fit(cfg: Config, job: Job, callbacks: list[Any] | None = None,
     result = trainer(cfg, job, callbacks, loop).fit()
     if result.error is not None:
         raise result.error
+    if STAGE_ERROR in (result.metrics or {}):
+        raise StageFailed(f"stage {job.stage}: {result.metrics[STAGE_ERROR]}")
     path = result.checkpoint.path if result.checkpoint is not None else None
     return StageResult(checkpoint=str(Path(path)) if path else None, metrics=dict(result.metrics or {}))

@@ -9,6 +9,8 @@ parent also gets each stage's headline numbers and, at the end, `report.html` co
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,13 +20,14 @@ import yaml
 
 from oodlab import console
 from oodlab.atomic import write_text
-from oodlab.config import Config, TrainStage, flatten, to_dict
-from oodlab.datapipes.benchmarks import for_config
+from oodlab.config import Config, ConfigError, TrainStage, check_unchanged, flatten, to_dict
+from oodlab.datapipes.benchmarks import Benchmark, for_config
 from oodlab.distributed import checkpoint, progress, tracking
 from oodlab.distributed.artifacts import finish_stage, log_report
-from oodlab.distributed.launch import StageResult, fit
+from oodlab.distributed.launch import StageResult, check_resources, ensure_ray, fit
 from oodlab.distributed.stages import TrainMethod
 from oodlab.distributed.worker import Job
+from oodlab.models import create_model
 
 
 @dataclass
@@ -40,16 +43,19 @@ class PipelineState:
     path: Path
     parent_run_id: str | None = None
     stages: dict[str, StageRecord] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # flattened, credentials redacted
 
     @classmethod
     def load(cls, path: Path) -> PipelineState:
         if not path.is_file():
             return cls(path)
         raw = json.loads(path.read_text())
-        return cls(path, raw["parent_run_id"], {k: StageRecord(**v) for k, v in raw["stages"].items()})
+        return cls(path, raw["parent_run_id"], {k: StageRecord(**v) for k, v in raw["stages"].items()},
+                   raw.get("config", {}))
 
     def save(self) -> None:
-        raw = {"parent_run_id": self.parent_run_id, "stages": {k: asdict(v) for k, v in self.stages.items()}}
+        raw = {"parent_run_id": self.parent_run_id, "stages": {k: asdict(v) for k, v in self.stages.items()},
+               "config": self.config}
         write_text(self.path, json.dumps(raw, indent=1))
 
 
@@ -62,23 +68,100 @@ def method_tag(cfg: Config, name: str) -> str:
     return TrainMethod(stage, threshold=0.0).tag if isinstance(stage, TrainStage) else stage.kind
 
 
+def preflight(cfg: Config, restart: bool = False) -> Benchmark:
+    """Every check that needs no cluster, before any log file, Ray or MLflow run: the benchmark and its files,
+    the init checkpoints, the same config as an earlier run of this name (unless `restart`), and a tracking
+    server that answers."""
+    bench = for_config(cfg)
+    check_inits(cfg, bench)
+    saved = PipelineState.load(state_path(cfg)).config
+    if saved and not restart:
+        check_unchanged("pipeline", cfg.name, tracking.redacted_config(cfg), saved)
+    tracking.check_reachable(cfg.mlflow.tracking_uri)
+    return bench
+
+
+def check_inits(cfg: Config, bench: Benchmark) -> None:
+    """Every `init` checkpoint file has exactly the model's parameter names and shapes (class count included)."""
+    files = {name: stage.init for name, stage in cfg.stages.items() if stage.init and stage.init not in cfg.stages}
+    if not files:
+        return
+    m = cfg.model
+    expected = {k: tuple(v.shape) for k, v in
+                create_model(m.name, bench.num_classes, False, **m.kwargs).state_dict().items()}
+    for name, init in files.items():
+        found = {k: tuple(v.shape) for k, v in checkpoint.load(checkpoint.model_file(init)).items()}
+        problems = [f"missing {k}" for k in expected.keys() - found.keys()][:3]
+        problems += [f"unexpected {k}" for k in found.keys() - expected.keys()][:3]
+        problems += [f"{k}: {found[k]} in the file, {v} in the model" for k, v in expected.items()
+                     if k in found and found[k] != v][:3]
+        if problems:
+            raise ConfigError(f"stages.{name}.init: {init} does not fit model {m.name} with {bench.num_classes} "
+                              f"classes ({'; '.join(problems)}); name a checkpoint of this model and benchmark")
+
+
+def retire(cfg: Config) -> None:
+    """--restart: move the pipeline's state and Ray run folders aside (nothing is deleted), so that Ray Train
+    starts every stage anew, and end the earlier MLflow runs still open as KILLED."""
+    old = PipelineState.load(state_path(cfg))
+    for run_id in [old.parent_run_id, *(r.run_id for r in old.stages.values() if not r.done)]:
+        if run_id and tracking.client(cfg.mlflow.tracking_uri).get_run(run_id).info.status == "RUNNING":
+            tracking.end_run(cfg.mlflow.tracking_uri, run_id, "KILLED")
+    moving = [p for p in [state_path(cfg), *(checkpoint.ray_run_dir(cfg, s) for s in cfg.stages)] if p.exists()]
+    if not moving:
+        return
+    aside = cfg.ray.storage_path / cfg.name / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(parents=True)
+    for path in moving:
+        shutil.move(path, aside / path.name)
+    console.say(f"--restart: the previous run's state and checkpoints moved to {aside}")
+
+
 def run(cfg: Config, restart: bool = False, launch: Callable[[Config, Job], StageResult] = fit,
         parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> PipelineState:
     """Run (or resume) every stage; return the final state with each stage's checkpoint and metrics.
 
     `launch` runs one stage (a sweep passes one that reports to Tune); `parent_run_id` nests this
-    pipeline's MLflow run under another (a sweep's), `tags` are added to it.
+    pipeline's MLflow run under another (a sweep's), `tags` are added to it. Bad input fails before any
+    MLflow run exists; a failure later ends the open runs as FAILED (KILLED on Ctrl-C), and a rerun
+    continues them.
     """
-    bench = for_config(cfg)
+    bench = preflight(cfg, restart)
+    if restart:
+        retire(cfg)
+    ensure_ray(cfg.ray)
+    check_resources(cfg.ray)
+    state = PipelineState.load(state_path(cfg))
     uri = cfg.mlflow.tracking_uri
-    state = PipelineState(state_path(cfg)) if restart else PipelineState.load(state_path(cfg))
     if state.parent_run_id is None:
         run_tags = {"oodlab.kind": "pipeline", "oodlab.benchmark": bench.name, **(tags or {})}
         state.parent_run_id = tracking.start_run(uri, cfg.mlflow.experiment, cfg.name, run_tags, parent_run_id)
-        parent = tracking.RunLogger(uri, state.parent_run_id)
+        state.config = tracking.redacted_config(cfg)
+        parent = tracking.RunLogger(uri, state.parent_run_id, tracking.buffer_folder(cfg))
         parent.params(flatten(to_dict(cfg)))
         parent.text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
         state.save()
+    tracking.reopen_run(uri, state.parent_run_id)
+    open_runs = [state.parent_run_id]
+    try:
+        run_stages(cfg, bench, state, launch, open_runs)
+    except BaseException as err:
+        for run_id in open_runs:
+            tracking.end_run(uri, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
+                             tracking.buffer_folder(cfg))
+        raise
+    log_report(cfg, state.parent_run_id, f"{cfg.name}: stages compared",
+               {name: record.run_id for name, record in state.stages.items()})
+    tracking.end_run(uri, state.parent_run_id, buffer=tracking.buffer_folder(cfg))
+    if note := tracking.buffer_note(cfg):
+        console.say(note)
+    return state
+
+
+def run_stages(cfg: Config, bench: Benchmark, state: PipelineState, launch: Callable[[Config, Job], StageResult],
+               open_runs: list[str]) -> None:
+    """Each stage not done yet, in order; `open_runs` lists the MLflow runs a failure must end."""
+    uri = cfg.mlflow.tracking_uri
     groups = [*bench.groups, "all"]
     tracking.share_runs_view(uri, cfg.mlflow.experiment, cfg.eval.select, groups)
     for name, stage in cfg.stages.items():
@@ -93,9 +176,12 @@ def run(cfg: Config, restart: bool = False, launch: Callable[[Config, Job], Stag
                                                     parent_run_id=state.parent_run_id))
             state.stages[name] = record
             state.save()
+        else:
+            tracking.reopen_run(uri, record.run_id)
+        open_runs.append(record.run_id)
         job = Job(config=to_dict(cfg), stage=name, init=resolve_init(cfg, state, name),
                   threshold=resolve_threshold(cfg, state, name), run_id=record.run_id)
-        stage_logger = tracking.RunLogger(uri, record.run_id)
+        stage_logger = tracking.RunLogger(uri, record.run_id, tracking.buffer_folder(cfg))
         stage_logger.params({f"stage.{k}": v for k, v in flatten(stage.model_dump(mode="json")).items()}
                             | {"stage.init_checkpoint": job.init, "stage.forget_threshold": job.threshold})
         console.say(f"[{name}] starting ({stage.kind}, {method_tag(cfg, name)}) on {cfg.ray.num_workers} workers")
@@ -105,10 +191,7 @@ def run(cfg: Config, restart: bool = False, launch: Callable[[Config, Job], Stag
         state.save()
         console.say(progress.evaluation_line(name, result.metrics, cfg.eval.select, groups))
         finish_stage(cfg, bench, name, record.run_id, result.checkpoint, result.metrics, state.parent_run_id)
-    log_report(cfg, state.parent_run_id, f"{cfg.name}: stages compared",
-               {name: record.run_id for name, record in state.stages.items()})
-    tracking.end_run(uri, state.parent_run_id)
-    return state
+        open_runs.remove(record.run_id)
 
 
 def resolve_init(cfg: Config, state: PipelineState, name: str) -> str | None:

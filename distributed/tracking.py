@@ -8,17 +8,23 @@ final model to the stage's run and its headline numbers to the pipeline's run.
 What the UI shows: the experiment is tagged as model training, and it carries the shared runs view
 that `oodlab ui` opens (`runs_url`): one row per stage run, flat (sorting by a metric un-nests child
 runs in MLflow's table), the headline columns, and charts of the per-epoch curves.
+
+When the server goes away mid-run, training goes on: a RunLogger given a buffer folder keeps what it cannot
+send in a durable local buffer (tracking_buffer) and sends it, in order, once the server answers again;
+what is left when the pipeline ends waits on disk for `oodlab mlflow-upload` (upload_buffers).
 """
 
 from __future__ import annotations
 
 import hashlib
+import glob
 import json
+import logging
 import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
@@ -30,16 +36,25 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from oodlab.config import Config, flatten, to_dict
 from oodlab.datapipes.benchmarks import Benchmark
+from oodlab.distributed.tracking_buffer import (Buffer, ReplayError, buffered_runs, op_name, replayable, resolve,
+                                               unreachable)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reports download plots: no bars for that
+# MLflow retries a failed HTTP call 7 times (about 4 minutes against a stopped server); 3 give up after about 12 s,
+# and a RunLogger with a buffer keeps what failed, so a lost server does not stall training.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3 limit for a param value
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3: a model-training experiment
 VIEW_KEY = "oodlab"  # the shared runs view (experiment tag mlflow.sharedViewState.<key>) that `oodlab ui` opens
 SYSTEM_METRICS_INTERVAL_S = 5.0
+BUFFER_FOLDER = "mlflow-buffer"  # under <ray.storage_path>/<config name>/
+
+log = logging.getLogger("oodlab")
 
 # What MLflow reads from the environment to reach a server: forwarded to Ray jobs and workers, never logged.
 TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
@@ -50,6 +65,11 @@ _SECRET_QUERY = re.compile(r"(?i)([?&](?:password|passwd|pwd|token|access_token|
 def redact(text: str) -> str:
     """`text` with the credentials of every URI in it masked: `user:password@` -> `***@`, `?token=...` -> `?token=***`."""
     return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+
+
+def redacted_config(cfg: Config) -> dict[str, Any]:
+    """A config flattened (`a.b: value`) with every credential redacted: what state files keep."""
+    return {k: redact(v) if isinstance(v, str) else v for k, v in flatten(to_dict(cfg)).items()}
 
 
 def tracking_env() -> dict[str, str]:
@@ -126,8 +146,34 @@ def start_run(tracking_uri: str, experiment: str, name: str, tags: Mapping[str, 
     return run.info.run_id
 
 
-def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
-    client(tracking_uri).set_terminated(run_id, status)
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED", buffer: Path | None = None) -> None:
+    """End a run with `status`; with a `buffer` folder, after the records waiting there for it (see RunLogger)."""
+    RunLogger(tracking_uri, run_id, buffer).end(status)
+
+
+def reopen_run(tracking_uri: str, run_id: str) -> None:
+    """Mark a run that a failure ended (FAILED, KILLED) as RUNNING again: its rerun continues it."""
+    c = client(tracking_uri)
+    if c.get_run(run_id).info.status != "RUNNING":
+        c.update_run(run_id, status="RUNNING")
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast (ConnectionError naming the redacted URI) if an http(s) tracking server does not answer.
+
+    MLflow's own client retries for minutes; this asks the server's /health once. Any HTTP answer counts
+    (an auth error is reported later, by the call that needs the credentials).
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s)
+    except requests.RequestException as err:
+        raise ConnectionError(f"mlflow.tracking_uri: the MLflow server at {redact(tracking_uri)} does not answer "
+                              f"({type(err).__name__}); start it, or set mlflow.tracking_uri / MLFLOW_TRACKING_URI "
+                              "to a reachable server") from None
 
 
 @contextmanager
@@ -175,7 +221,8 @@ def log_model(model: Any, name: str, step: int, example: Any) -> str:
 def system_metrics(tracking_uri: str, run_id: str, node_id: str) -> Iterator[None]:
     """MLflow's system metrics of this machine (CPU, memory, disk, network; GPU with nvidia-ml-py) into `run_id`,
     named `system/<node_id>/...`; one sample every SYSTEM_METRICS_INTERVAL_S, and one more at the end, so a
-    short stage has some too."""
+    short stage has some too. Samples are not buffered: MLflow's monitor stops at its first failed call, and the
+    last sample is dropped if the server is away then."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, node_id=node_id,
@@ -185,37 +232,149 @@ def system_metrics(tracking_uri: str, run_id: str, node_id: str) -> Iterator[Non
         yield
     finally:
         monitor.finish()
-        monitor.collect_metrics()
-        monitor.publish_metrics(monitor.aggregate_metrics())
-        monitor.mlflow_logger.flush()
+        try:  # samples, not records: those taken while the server is away are dropped, not buffered
+            if answers(tracking_uri):
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+        except Exception as err:
+            if not unreachable(err):
+                raise
+
+
+def buffer_folder(cfg: Config) -> Path:
+    """Where a config's RunLoggers keep what the server did not take."""
+    return cfg.ray.storage_path / cfg.name / BUFFER_FOLDER
+
+
+def buffer_folders(cfg: Config) -> list[Path]:
+    """The config's buffer folder and those of its sweep's trials (named `<name>.<trial id>`)."""
+    trials = sorted(cfg.ray.storage_path.glob(f"{glob.escape(cfg.name)}.*/{BUFFER_FOLDER}"))
+    return [buffer_folder(cfg), *trials]
+
+
+def buffered(cfg: Config) -> dict[str, int]:
+    """Run id -> records waiting on disk for it, over the config's buffer folders."""
+    return {run_id: n for folder in buffer_folders(cfg) for run_id, n in buffered_runs(folder).items()}
+
+
+def upload_buffers(cfg: Config) -> dict[str, int]:
+    """Send every run's waiting records, oldest first; return what is left (run id -> records; empty: all sent).
+
+    A record the server refuses for another reason than being unreachable raises ReplayError; it stays buffered.
+    """
+    for folder in buffer_folders(cfg):
+        for run_id in buffered_runs(folder):
+            RunLogger(cfg.mlflow.tracking_uri, run_id, folder).flush()
+    return buffered(cfg)
+
+
+def buffer_note(cfg: Config) -> str | None:
+    """A line for the user when records wait on disk, naming the command that sends them."""
+    waiting = buffered(cfg)
+    if not waiting:
+        return None
+    return (f"MLflow at {redact(cfg.mlflow.tracking_uri)} did not answer: {sum(waiting.values())} records of "
+            f"{len(waiting)} runs wait in {buffer_folder(cfg)}; once it is back, `oodlab mlflow-upload CONFIG` "
+            "sends them")
+
+
+def answers(tracking_uri: str) -> bool:
+    """Whether the tracking server answers its /health now (always true for a local store)."""
+    try:
+        check_reachable(tracking_uri)
+    except ConnectionError:
+        return False
+    return True
 
 
 class RunLogger:
-    """Logs to one existing run. Create it on rank 0 only."""
+    """Logs to one existing run. Create it on rank 0 only.
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    With a `buffer` folder, every call first checks that the server answers and sends what waits in the run's
+    buffer (oldest first); a call the server does not take because it is unreachable (refused, timed out, 5xx)
+    is kept there (tracking_buffer) instead of failing training. Any other error (bad input) raises.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, buffer: Path | None = None):
+        self.tracking_uri = tracking_uri
         self.client = client(tracking_uri)
         self.run_id = run_id
+        self.buffer = None if buffer is None else Buffer(buffer, run_id)
+        self._direct = False  # inside an operation: its own calls go straight to the server
+
+    def send(self, op: Callable[..., Any], file: Path | None = None, **args: Any) -> Any:
+        """`op(self, **args)` (a @replayable operation; `file` is handed to it as `path`) now, or into the buffer
+        while the server is unreachable; returns what `op` returns (None when buffered)."""
+        if self.buffer is None or self._direct:
+            return self._run(op, args, file)
+        if self.flush():
+            try:
+                return self._run(op, args, file)
+            except Exception as err:
+                if not unreachable(err):
+                    raise
+        if not self.buffer.pending():
+            log.warning("MLflow at %s does not answer: what run %s logs waits in %s until it does",
+                        redact(self.tracking_uri), self.run_id, self.buffer.path)
+        self.buffer.append(op_name(op), json.loads(redact(json.dumps(args))), file)  # no credentials on disk
+        return None
+
+    def flush(self) -> bool:
+        """Send the buffered records, oldest first, if the server answers; True if none are left (or no buffer)."""
+        if self.buffer is None:
+            return True
+        if not answers(self.tracking_uri):
+            return False
+        for record in self.buffer.records():
+            try:
+                self._run(resolve(record.op), record.args, self.buffer.file(record))
+            except Exception as err:
+                if unreachable(err):
+                    return False
+                raise ReplayError(f"MLflow at {redact(self.tracking_uri)} refused a record of run {self.run_id} "
+                                  f"in {self.buffer.path} ({record.op}): {redact(str(err))}") from err
+            self.buffer.drop_first()
+        return True
+
+    def _run(self, op: Callable[..., Any], args: dict[str, Any], file: Path | None) -> Any:
+        direct, self._direct = self._direct, True
+        try:
+            return op(self, **args, **({} if file is None else {"path": str(file)}))
+        finally:
+            self._direct = direct
 
     def run_name(self) -> str:
-        return self.client.get_run(self.run_id).info.run_name
+        """The run's name; its id while the server is unreachable (plots made meanwhile are titled with it)."""
+        try:
+            if self._direct or self.flush():
+                return self.client.get_run(self.run_id).info.run_name
+        except Exception as err:
+            if self.buffer is None or self._direct or not unreachable(err):
+                raise
+        return self.run_id
 
     def params(self, params: Mapping[str, Any]) -> None:
-        items = [Param(k, redact(str(v))[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        items = [[k, redact(str(v))[:MAX_PARAM_LENGTH]] for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+            self.send(log_batch, params=items[i : i + 100])
 
     def tags(self, tags: Mapping[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.send(log_batch, tags=[[k, str(v)] for k, v in tags.items()])
+
+    def metrics_once(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log `metrics` at `step` unless they were logged there before (a resumed stage logs each epoch once)."""
+        self.send(log_metrics_once, metrics={k: float(v) for k, v in metrics.items()}, step=step, stamp=now_ms())
 
     def metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        stamp = mlflow.utils.time.get_current_time_millis()
-        items = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        for batch in metric_batches(metrics, step, now_ms()):
+            self.send(log_batch, metrics=batch)
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), folder)
+        self.send(log_artifact, file=Path(path), folder=folder)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.send(terminate, status=status)
 
     def text(self, text: str, name: str, folder: str | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -228,3 +387,41 @@ class RunLogger:
 
         with tempfile.TemporaryDirectory() as tmp:
             self.artifact(save_figure(fig, Path(tmp) / name), folder)
+
+
+def now_ms() -> int:
+    return mlflow.utils.time.get_current_time_millis()
+
+
+def metric_batches(metrics: Mapping[str, float], step: int, stamp: int) -> list[list[list[Any]]]:
+    """`[key, value, timestamp, step]` rows, at most 1000 per batch (MLflow's limit)."""
+    rows = [[k, float(v), stamp, step] for k, v in metrics.items()]
+    return [rows[i : i + 1000] for i in range(0, len(rows), 1000)]
+
+
+# The operations a RunLogger sends (and its buffer replays): JSON arguments only.
+
+@replayable
+def log_batch(logger: RunLogger, metrics: Sequence[Sequence[Any]] = (), params: Sequence[Sequence[str]] = (),
+              tags: Sequence[Sequence[str]] = ()) -> None:
+    logger.client.log_batch(logger.run_id, metrics=[Metric(*m) for m in metrics], params=[Param(*p) for p in params],
+                            tags=[RunTag(*t) for t in tags])
+
+
+@replayable
+def log_metrics_once(logger: RunLogger, metrics: Mapping[str, float], step: int, stamp: int) -> None:
+    """`metrics` at `step` unless the run has its first key at that step already."""
+    logged = logger.client.get_metric_history(logger.run_id, next(iter(metrics))) if metrics else []
+    if metrics and not any(m.step == step for m in logged):
+        for batch in metric_batches(metrics, step, stamp):
+            log_batch(logger, metrics=batch)
+
+
+@replayable
+def log_artifact(logger: RunLogger, path: str, folder: str | None = None) -> None:
+    logger.client.log_artifact(logger.run_id, path, folder)
+
+
+@replayable
+def terminate(logger: RunLogger, status: str) -> None:
+    logger.client.set_terminated(logger.run_id, status)

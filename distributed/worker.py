@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from oodlab import rng
 from oodlab.config import Config, EstimateStage, EvalStage, TrainStage
 from oodlab.datapipes.benchmarks import Benchmark, get_benchmark
 from oodlab.datapipes.beton import read_info
@@ -60,10 +61,11 @@ class Worker:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         torch.set_num_threads(max(1, int(self.cfg.ray.cpus_per_worker)))
-        torch.manual_seed(self.cfg.seed)
+        rng.seed_all(self.cfg.seed)  # the same initial weights on every rank; then seed + rank (see run_train)
         self.node_id = check_data_root(self.cfg.data.root)
         self.bench: Benchmark = get_benchmark(self.cfg.data.benchmark, self.cfg.data.root)
-        self.log = tracking.RunLogger(self.cfg.mlflow.tracking_uri, job.run_id) if self.rank == 0 else None
+        self.log = (tracking.RunLogger(self.cfg.mlflow.tracking_uri, job.run_id, tracking.buffer_folder(self.cfg))
+                    if self.rank == 0 else None)
         self._eval_loaders: dict[str, Any] | None = None
         self.record_nodes()
 
@@ -102,10 +104,14 @@ class Worker:
         return self._eval_loaders
 
     def evaluate(self, net: FeatureNet, scores: list[str]) -> Evaluation | None:
+        """Score every split with exactly the model rank 0 saves: its BatchNorm statistics on every rank."""
+        if dist.is_initialized():
+            for buffer in net.buffers():
+                dist.broadcast(buffer, 0)
         loaders = self.eval_loaders()
         sizes = {s: len(loader.indices) for s, loader in loaders.items()}
         start = time.perf_counter()
-        evaluation = evaluate(net, loaders, sizes, self.bench, scores, self.cfg.eval.params, amp=self.cfg.ray.amp)
+        evaluation = evaluate(net, loaders, sizes, self.bench, scores, self.cfg.eval.params)
         self.say(f"evaluated {len(scores)} scores on {len(loaders)} splits in {time.perf_counter() - start:.1f}s")
         return evaluation
 
@@ -124,17 +130,26 @@ class Worker:
     # -- reporting ---------------------------------------------------------------------------------
     def report(self, metrics: dict[str, float], epoch: int, net: FeatureNet | None = None,
                train_state: dict | None = None) -> None:
-        """Rank 0 logs to MLflow and writes the checkpoint; every rank calls ray.train.report (a barrier)."""
+        """Every rank calls ray.train.report (a barrier); rank 0 writes the checkpoint, then logs the metrics.
+
+        Metrics reach MLflow only once their checkpoint is reported; a worker that dies in between logs them
+        when it resumes from that checkpoint (`log_once`).
+        """
         if self.rank != 0:
             ray.train.report(metrics)
             return
-        self.log.metrics(metrics, step=epoch)
         with tempfile.TemporaryDirectory() as tmp:
             meta = {"stage": self.job.stage, "epoch": epoch, "metrics": metrics}
             model_state = None if net is None else dense_state_dict(net.model)
             checkpoint.save(Path(tmp), model_state, meta, train_state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"{self.job.stage}_epoch_{epoch:04d}")
+                             checkpoint_dir_name=checkpoint.dir_name(self.job.stage, epoch))
+        self.log_once(metrics, epoch)
+
+    def log_once(self, metrics: dict[str, float], epoch: int) -> None:
+        """Rank 0: log an epoch's metrics unless an earlier attempt of this stage logged them."""
+        if self.log is not None:
+            self.log.metrics_once(metrics, step=epoch)
 
     def say(self, text: str) -> None:
         """A progress line from rank 0 (through logging: Ray Train tees print() into its logs twice)."""
@@ -151,19 +166,35 @@ def check_data_root(root: Path) -> str:
     return node
 
 
+class StageError(Exception):
+    """A deterministic failure every rank sees at the same step (a NaN loss): the stage stops, not retried."""
+
+
+RESUMED = "resumed_after_epoch"  # logged by a resumed stage, once per resume
+STAGE_ERROR = "oodlab/stage_error"  # the metric a stopped stage reports its error under (launch.fit raises it)
+
+
 def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
-    """Ray Train entry point. The first worker on each node logs that node's system metrics to the stage's run."""
+    """Ray Train entry point. The first worker on each node logs that node's system metrics to the stage's run.
+
+    A StageError ends the loop normally with the error as its last report: Ray retries only system failures
+    (a raised exception would be retried `ray.max_failures` times, and fail the same way each time).
+    """
     worker = Worker(Job(**job_dict))
     stage = worker.cfg.stages[worker.job.stage]
     monitor = (tracking.system_metrics(worker.cfg.mlflow.tracking_uri, worker.job.run_id, worker.node_id[:8])
                if ray.train.get_context().get_local_rank() == 0 else contextlib.nullcontext())
     with monitor:
-        if isinstance(stage, EstimateStage):
-            run_estimate(worker, stage)
-        elif isinstance(stage, EvalStage):
-            run_eval(worker)
-        else:
-            run_train(worker, stage)
+        try:
+            if isinstance(stage, EstimateStage):
+                run_estimate(worker, stage)
+            elif isinstance(stage, EvalStage):
+                run_eval(worker)
+            else:
+                run_train(worker, stage)
+        except StageError as err:
+            worker.say(f"stopped: {err}")
+            ray.train.report({STAGE_ERROR: str(err)})
 
 
 def run_train(worker: Worker, stage: TrainStage) -> None:
@@ -178,32 +209,60 @@ def run_train(worker: Worker, stage: TrainStage) -> None:
     opt = torch.optim.SGD(params, lr=stage.lr, momentum=stage.momentum, nesterov=stage.nesterov and stage.momentum > 0,
                           weight_decay=stage.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=(stage.schedule_epochs or stage.epochs) * steps)
-    start = 0
-    resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as d:
-            state = checkpoint.load(Path(d) / checkpoint.TRAIN_STATE)
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start = int(state["epoch"]) + 1
-        worker.say(f"resumed after epoch {start - 1}")
+    rng.seed_all(cfg.seed + worker.rank)  # dropout and augmentation draw differently on each rank
+    start = resume(worker, net, opt, sched, loader)
+    evaluation = None
     for epoch in range(start, stage.epochs):
         t0 = time.perf_counter()
         metrics = train_epoch(ddp, net, loader, opt, sched, method, epoch, worker)
         last = epoch == stage.epochs - 1
-        evaluation = None
         if last or (epoch + 1) % stage.eval_every == 0:
             evaluation = worker.evaluate(net, cfg.eval.final_scores if last else cfg.eval.scores)
             if evaluation is not None:
                 metrics.update(evaluation.flat())
         metrics["epoch_seconds"] = time.perf_counter() - t0
         worker.say(progress_line(epoch, stage.epochs, metrics, cfg.eval.select))
-        train_state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                       "epoch": epoch}
-        worker.report(metrics, epoch, net, train_state)
-        if last:
-            log_final_artifacts(worker.log, evaluation, worker.bench, cfg.eval, epoch)
+        worker.report(metrics, epoch, net, training_state(worker, net, opt, sched, loader, epoch))
+    if start == stage.epochs:  # resumed from the last epoch's checkpoint: its final artifacts may be missing
+        evaluation = worker.evaluate(net, cfg.eval.final_scores)
+    log_final_artifacts(worker.log, evaluation, worker.bench, cfg.eval, stage.epochs - 1)
+
+
+def training_state(worker: Worker, net: FeatureNet, opt, sched, loader, epoch: int) -> dict[str, Any]:
+    """What an exact resume needs: model, optimizer, scheduler, the loader's next epoch, every rank's RNGs."""
+    states = [rng.get_state()] * worker.world
+    if dist.is_initialized():
+        dist.all_gather_object(states, states[0])
+    return {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "epoch": epoch, "loader_epoch": loader.next_epoch, "rng": states}
+
+
+def resume(worker: Worker, net: FeatureNet, opt, sched, loader) -> int:
+    """Restore the stage's newest checkpoint, if it has one (a retry or a rerun); return the first epoch to run.
+
+    Rank 0 logs that checkpoint's metrics if the attempt that wrote it died before logging them. Resumed
+    after the last epoch, every rank reports them again, so the stage's result carries them.
+    """
+    found = checkpoint.newest_training_state(worker.cfg, worker.job.stage)
+    if found is None:
+        return 0
+    state, meta = found
+    net.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    loader.next_epoch = state["loader_epoch"]
+    if len(state["rng"]) == worker.world:
+        rng.set_state(state["rng"][worker.rank])
+    else:
+        worker.say(f"the checkpoint has RNG states of {len(state['rng'])} ranks, this run {worker.world}: reseeded")
+    epoch = int(state["epoch"])
+    worker.log_once(meta["metrics"], epoch)
+    if worker.log is not None:  # when training went on: the metric's timestamp (recovery time = it - the fault)
+        worker.log.metrics({RESUMED: epoch + 1}, step=epoch)
+    if epoch == worker.cfg.stages[worker.job.stage].epochs - 1:
+        ray.train.report(meta["metrics"])
+    worker.say(f"resumed after epoch {epoch + 1}")
+    return epoch + 1
 
 
 def train_epoch(ddp: torch.nn.Module, net: FeatureNet, loader, opt, sched, method: TrainMethod, epoch: int,
@@ -211,16 +270,19 @@ def train_epoch(ddp: torch.nn.Module, net: FeatureNet, loader, opt, sched, metho
     ddp.train()
     totals: dict[str, float] = {}
     seen = correct = 0
-    for x, y in loader:
+    for step, (x, y) in enumerate(loader):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.cfg.ray.amp):
             logits, _, fmap = ddp(x)
         loss, stats = method.loss(logits.float(), fmap.float(), y, net.classifier, epoch)
+        if not finite_everywhere(loss):
+            raise StageError(f"the loss is not finite (nan or inf) at epoch {epoch + 1}, step {step + 1}; nothing "
+                             "after the last checkpoint was saved. Lower the learning rate or check the data")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         stats["loss"] = loss.detach()
-        for k, v in stats.items():  # tensors stay on the device: no per-step synchronisation
+        for k, v in stats.items():  # tensors stay on the device (the finiteness check is the one per-step sync)
             totals[k] = totals.get(k, 0.0) + v * len(y)
         seen += len(y)
         correct = correct + (logits.argmax(1) == y).sum()
@@ -233,6 +295,14 @@ def train_epoch(ddp: torch.nn.Module, net: FeatureNet, loader, opt, sched, metho
     out["train/acc"] = 100 * sums[1].item() / seen_all
     out["lr"] = sched.get_last_lr()[0]
     return out
+
+
+def finite_everywhere(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank: one 1-element all-reduce, so all ranks stop at the same step."""
+    flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def progress_line(epoch: int, epochs: int, m: dict[str, float], select: str) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from oodlab import config as config_mod
+from oodlab.errors import StageFailed
 from oodlab.report import markdown
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -29,9 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args) or 0
-    except (config_mod.ConfigError, FileNotFoundError, ValueError) as err:
+    except (config_mod.ConfigError, FileNotFoundError, ValueError, ConnectionError) as err:
         print(f"oodlab: error: {err}", file=sys.stderr)
         return 2
+    except StageFailed as err:
+        print(f"oodlab: error: {err}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     ui.set_defaults(func=cmd_ui)
+
+    upload = sub.add_parser("mlflow-upload", help="send MLflow the records a run kept on disk while the server was away")
+    upload.add_argument("config", type=Path)
+    upload.add_argument("overrides", nargs="*", help="key.sub=value overrides the run was started with")
+    upload.set_defaults(func=cmd_mlflow_upload)
     add_data_commands(sub)
     add_cluster_commands(sub)
     return parser
@@ -107,10 +116,9 @@ def ray_output(args: argparse.Namespace, cfg: config_mod.Config, command: str) -
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config, args.overrides)
-    from oodlab.datapipes.benchmarks import for_config
     from oodlab.distributed import pipeline
 
-    for_config(cfg)  # benchmark errors and missing files: before any log file, run folder or Ray
+    pipeline.preflight(cfg, args.restart)  # bad input fails here: before any log file, run folder or Ray
     with ray_output(args, cfg, "train"):
         state = pipeline.run(cfg, restart=args.restart)
     print_comparison(cfg, pipeline.results(state))
@@ -127,6 +135,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     written = build(bench, cfg.data.root, log=print)
     print(f"demo data: {len(written)} file(s) written under {cfg.data.root / bench.name}" if written
           else f"demo data: current files under {cfg.data.root / bench.name}")
+    pipeline.preflight(cfg, args.restart)
     with ray_output(args, cfg, "demo"):
         state = pipeline.run(cfg, restart=args.restart)
     print_comparison(cfg, pipeline.results(state))
@@ -161,9 +170,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config, args.overrides)
     from oodlab.datapipes.benchmarks import for_config
+    from oodlab.distributed import tracking
     from oodlab.tuning import summary, sweep
 
+    sweep.check(cfg)  # config errors first, then the data and the tracking server: all before any log file or Ray
     for_config(cfg)
+    tracking.check_reachable(cfg.mlflow.tracking_uri)
     with ray_output(args, cfg, "tune"):
         result = sweep.run(cfg, restart=args.restart)
     print(summary.text(result, cfg, args.config, args.overrides))
@@ -186,6 +198,30 @@ def cmd_ui(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--workers", "1"]
     return subprocess.call(cmd, env=env)
+
+
+def cmd_mlflow_upload(args: argparse.Namespace) -> int:
+    """Send the buffered records of the config's runs (and its sweep's trials): 0 once none are left."""
+    cfg = config_mod.load(args.config, args.overrides)
+    from oodlab.distributed import tracking
+
+    waiting = tracking.buffered(cfg)
+    if not waiting:
+        print(f"nothing to upload: no MLflow records wait under {tracking.buffer_folder(cfg)}")
+        return 0
+    tracking.check_reachable(cfg.mlflow.tracking_uri)  # not answering: exit 2, naming the (redacted) URI
+    try:
+        left = tracking.upload_buffers(cfg)
+    except tracking.ReplayError as err:
+        print(f"oodlab: error: {err}; it stays on disk", file=sys.stderr)
+        return 1
+    print(f"sent {sum(waiting.values()) - sum(left.values())} records of {len(waiting)} runs to MLflow at "
+          f"{tracking.redact(cfg.mlflow.tracking_uri)}")
+    if left:
+        print(f"oodlab: error: {sum(left.values())} records of {len(left)} runs are still on disk (the server stopped "
+              "answering); run the command again", file=sys.stderr)
+        return 1
+    return 0
 
 
 def print_comparison(cfg: config_mod.Config, runs: dict[str, dict[str, float]]) -> None:

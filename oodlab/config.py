@@ -180,7 +180,10 @@ class RayConfig(Section):
     use_gpu: bool = False  # NCCL + one GPU per worker (gloo on CPU)
     amp: bool = False  # bf16 autocast on GPU
     storage_path: Path = Path(".oodlab/runs")  # checkpoints and Ray's run state (shared storage on a cluster)
-    max_failures: Annotated[int, Field(ge=0)] = 0  # worker-group restarts from the last checkpoint
+    # worker-group restarts from the last checkpoint after a worker error. 1 survives one crash (a worker killed
+    # by the OOM killer or a signal) while a bug costs one retry; node preemptions are retried without limit by
+    # Ray (FailureConfig.max_preemption_failures), and a NaN loss is never retried
+    max_failures: Annotated[int, Field(ge=0)] = 1
     # custom resources each worker also asks for, e.g. {train_slot: 1} with one train_slot per node puts one
     # worker on each node (CPUs and GPUs come from cpus_per_worker and use_gpu)
     resources_per_worker: dict[str, PositiveFloat] = {}
@@ -462,6 +465,19 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+# Where and how a run executes, not what it computes: a rerun may change these and still resume.
+PLACEMENT_KEYS = ("ray.address", "ray.max_failures", "data.root", "data.loader_threads", "data.os_cache")
+
+
+def check_unchanged(kind: str, name: str, now: dict[str, Any], then: dict[str, Any]) -> None:
+    """Refuse to resume run `name` under another config: ConfigError listing every changed key (flattened
+    configs; PLACEMENT_KEYS may change)."""
+    changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k) and k not in PLACEMENT_KEYS)
+    if changed:
+        raise ConfigError(f"{kind} '{name}' was started with another config (differs in: {', '.join(changed)}); "
+                          "rerun with --restart to start it anew, or give it another name")
 
 
 _STAGE_MODELS: dict[str, type[BaseModel]] = {"train": TrainStage, "estimate": EstimateStage, "eval": EvalStage}

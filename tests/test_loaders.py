@@ -108,6 +108,22 @@ def test_training_pad_crop_flip_order_and_channels_last(cifar_like):
     assert orders[0] == np.random.default_rng(3).permutation(N)[:32].tolist()
 
 
+def test_augmentations_are_a_function_of_seed_epoch_and_sample(cifar_like):
+    """Flips and shifts replay exactly: a loader set to epoch 2 gives what a fresh one gives on its third
+    epoch, whatever the thread count (a resumed run augments as the interrupted one would have)."""
+    path = cifar_like[0]
+
+    def epochs(count: int, first: int = 0, threads: int = 1, seed: int = 3) -> list[torch.Tensor]:
+        loader = build_loader(DEMO, LoaderSpec.for_training(path, BATCH, seed=seed, threads=threads))
+        loader.next_epoch = first
+        return [batches(loader)[0] for _ in range(count)]
+
+    three = epochs(3)
+    assert torch.equal(epochs(1, first=2)[0], three[2])
+    assert all(torch.equal(a, b) for a, b in zip(epochs(3, threads=2), three))
+    assert not torch.equal(three[0], three[1]) and not torch.equal(epochs(1, seed=4)[0], three[0])
+
+
 def test_random_resized_crop_training(tmp_path):
     colours = np.arange(6) * 40
     images = np.broadcast_to(colours[:, None, None, None], (6, 30, 50, 3)).astype(np.uint8)

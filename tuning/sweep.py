@@ -30,7 +30,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from oodlab.atomic import write_text
 from oodlab.console import say
-from oodlab.config import Config, ConfigError, flatten, to_dict
+from oodlab.config import Config, ConfigError, check_unchanged, flatten, to_dict
 from oodlab.datapipes.benchmarks import for_config
 from oodlab.distributed import pipeline, tracking
 from oodlab.distributed.artifacts import log_report
@@ -97,11 +97,7 @@ def previous_state(cfg: Config, restart: bool) -> SweepState | None:
     if not (folder / "sweep.json").is_file():
         return None
     state = SweepState(**json.loads((folder / "sweep.json").read_text()))
-    now, then = flatten(to_dict(cfg)), flatten(state.config)
-    changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
-    if changed:
-        raise ConfigError(f"sweep '{cfg.name}' was started with another config (differs in: {', '.join(changed)}); "
-                          "rerun with --restart, or give it another name")
+    check_unchanged("sweep", cfg.name, tracking.redacted_config(cfg), state.config)
     return state
 
 
@@ -113,7 +109,7 @@ def new_state(cfg: Config, concurrency: int) -> SweepState:
     logger.params(flatten(to_dict(cfg)) | {"sweep.max_concurrent_trials": concurrency,
                                             "sweep.trial_driver_cpus": TRIAL_DRIVER_CPUS})
     logger.text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
-    state = SweepState(run_id, to_dict(cfg))
+    state = SweepState(run_id, tracking.redacted_config(cfg))
     write_text(sweep_folder(cfg) / "sweep.json", json.dumps(asdict(state), indent=1))
     return state
 

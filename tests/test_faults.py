@@ -1,0 +1,144 @@
+"""Fault drills with real processes and real signals, exact resume, and --restart.
+
+A 2-epoch, 2-worker run on the digits data is the reference. The same config then runs with one Ray Train
+worker SIGKILLed after the first checkpoint (Ray Train restarts the worker group), and with the `oodlab train`
+driver SIGKILLed after the first checkpoint, then the same command again. Each must end with the reference's
+weights and metrics (to 1e-6), every epoch logged to MLflow exactly once and its runs FINISHED. The recovery
+time (kill -> the resumed stage training again: the timestamp of its `resumed_after_epoch` metric) is printed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from conftest import tiny_raw
+from mlflow.tracking import MlflowClient
+from servers import LOOPBACK_RAY
+
+from oodlab import config
+from oodlab.distributed import checkpoint, pipeline
+from oodlab.distributed.pipeline import PipelineState
+from oodlab.distributed.worker import RESUMED
+
+EPOCHS = 2
+
+
+def raw_config(tmp: Path, data_root: Path) -> dict:
+    raw = tiny_raw(tmp, data_root)
+    raw["stages"]["train"]["epochs"] = EPOCHS
+    raw["eval"]["final_scores"] = raw["eval"]["scores"]
+    return raw
+
+
+def final(cfg: config.Config) -> tuple[dict[str, torch.Tensor], dict[str, float], str]:
+    """The stage's last weights, its final metrics (wall times left out) and its MLflow run id."""
+    record = PipelineState.load(pipeline.state_path(cfg)).stages["train"]
+    weights = checkpoint.load(checkpoint.model_file(record.checkpoint))
+    return weights, {k: v for k, v in record.metrics.items() if "seconds" not in k}, record.run_id
+
+
+def assert_same_weights(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert weights.keys() == expected.keys()
+    for key, value in weights.items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+def assert_same_as_reference(cfg: config.Config, reference: config.Config) -> str:
+    """Same weights and metrics as the reference run, each epoch logged once, runs FINISHED; the stage run id."""
+    weights, metrics, _ = final(cfg)
+    ref_weights, ref_metrics, _ = final(reference)
+    assert_same_weights(weights, ref_weights)
+    assert metrics.keys() == ref_metrics.keys()
+    assert metrics == pytest.approx(ref_metrics, rel=0, abs=1e-6)
+    return assert_logged_once_and_finished(cfg)
+
+
+def assert_logged_once_and_finished(cfg: config.Config) -> str:
+    """Every epoch's metrics in the stage's MLflow run exactly once, its runs FINISHED; the stage run id."""
+    run_id = final(cfg)[2]
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    for key in ("train/loss", "id_acc", "ood/energy/all/auroc"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(EPOCHS)), key
+    parent = PipelineState.load(pipeline.state_path(cfg)).parent_run_id
+    assert {client.get_run(r).info.status for r in (run_id, parent)} == {"FINISHED"}
+    return run_id
+
+
+def recovery_seconds(cfg: config.Config, run_id: str, killed_at: float) -> float:
+    resumed = MlflowClient(cfg.mlflow.tracking_uri).get_metric_history(run_id, RESUMED)
+    assert [m.value for m in resumed] == [1]  # resumed once, after epoch 1: not from scratch
+    return resumed[0].timestamp / 1000 - killed_at
+
+
+def after_first_checkpoint(cfg: config.Config, timeout_s: float = 300) -> float:
+    """Block until epoch 1's metrics are in MLflow (they are logged after its checkpoint); the time then."""
+    client, deadline = MlflowClient(cfg.mlflow.tracking_uri), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record = PipelineState.load(pipeline.state_path(cfg)).stages.get("train")
+        if record is not None and client.get_metric_history(record.run_id, "train/loss"):
+            return time.time()
+        time.sleep(0.2)
+    raise TimeoutError("the first epoch never reached MLflow")
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, demo_root, tmp_path_factory) -> config.Config:
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = config.validate(raw_config(tmp, demo_root), tmp)
+    pipeline.run(cfg)
+    return cfg
+
+
+def test_sigkill_of_a_train_worker_resumes_exactly(reference, demo_root, tmp_path):
+    cfg = config.validate(raw_config(tmp_path, demo_root), tmp_path)
+    killed: list[float] = []
+
+    def kill_one_worker() -> None:
+        killed.append(after_first_checkpoint(cfg))
+        workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        os.kill(workers[-1].pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_one_worker, daemon=True)
+    killer.start()
+    pipeline.run(cfg)  # ray.max_failures defaults to 1
+    killer.join()
+    run_id = assert_same_as_reference(cfg, reference)
+    print(f"\nworker SIGKILL: recovery {recovery_seconds(cfg, run_id, killed[0]):.1f} s (kill -> training again)")
+
+
+def test_sigkill_of_the_train_driver_then_rerun_resumes_exactly(reference, demo_root, tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw_config(tmp_path, demo_root)))
+    cfg = config.load(path)
+    env = {**os.environ, **LOOPBACK_RAY, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rk", dir="/tmp")}
+    env.pop("RAY_ADDRESS", None)  # each command starts its own Ray instance, as a user's would
+    command = [sys.executable, "-m", "oodlab.cli", "train", str(path)]
+    driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at = after_first_checkpoint(cfg)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=60)
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    run_id = assert_same_as_reference(cfg, reference)
+    print(f"\ndriver SIGKILL: recovery {recovery_seconds(cfg, run_id, killed_at):.1f} s (kill -> rerun training again)")
+
+
+def test_restart_trains_anew_and_moves_the_old_run_aside(reference):
+    old_weights, _, old_run = final(reference)
+    pipeline.run(reference, restart=True)
+    new_run = assert_logged_once_and_finished(reference)
+    assert new_run != old_run and not MlflowClient(reference.mlflow.tracking_uri).get_metric_history(new_run, RESUMED)
+    moved = list((reference.ray.storage_path / reference.name).glob("replaced-*"))
+    assert len(moved) == 1 and {p.name for p in moved[0].iterdir()} == {"pipeline.json", f"{reference.name}.train"}
+    assert_same_weights(final(reference)[0], old_weights)  # trained from scratch again, to the same weights

@@ -1,0 +1,163 @@
+"""MLflow lost mid-run: a real `mlflow server` (sqlite store in a temp folder) that the tests stop with SIGTERM and
+start again on the same port and store. What the server could not take waits in the run's buffer on disk and
+reaches it once, in order, when it returns; if it never does during a training run, `oodlab mlflow-upload` sends it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_raw
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from servers import free_port, oodlab, stop, wait_for_http
+
+from oodlab import config
+from oodlab.cli import main
+from oodlab.distributed import checkpoint, pipeline, tracking
+from oodlab.distributed.launch import fit
+from oodlab.distributed.tracking_buffer import Buffer
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with its store and artifacts in `folder`; stop() and start() keep port and store."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/mlflow.db",
+               "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
+               "--port", str(self.port), "--workers", "1"]
+        with (self.folder / "server.log").open("a") as log:
+            self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for_http(f"{self.url}/health", self.process, "mlflow server")
+
+    def stop(self) -> None:
+        """SIGTERM its process group; return once every process of it is gone (the port is free again)."""
+        stop(self.process)
+        for _ in range(60):
+            try:
+                os.killpg(self.process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.5)
+        os.killpg(self.process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    """The steps a metric was logged at, in the order it was logged."""
+    return [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)]
+
+
+def test_a_lost_server_gets_every_record_once_and_in_order_when_it_returns(server, tmp_path):
+    client = MlflowClient(server.url)
+    run_id = tracking.start_run(server.url, "outage", "unit", {})
+    folder = tmp_path / "mlflow-buffer"
+    log = tracking.RunLogger(server.url, run_id, folder)
+    log.params({"lr": 0.1})
+    for epoch in range(2):
+        log.metrics_once({"train/loss": 1.0 / (epoch + 1)}, step=epoch)
+        log.metrics({"lr": 0.1 - epoch / 100}, step=epoch)
+    with pytest.raises(MlflowException, match="lr"):  # bad input is refused, not buffered
+        log.params({"lr": 0.2})
+    assert not Buffer(folder, run_id).pending()
+
+    server.stop()
+    for epoch in range(2, 4):
+        log.metrics_once({"train/loss": 1.0 / (epoch + 1)}, step=epoch)
+        log.metrics({"lr": 0.1 - epoch / 100}, step=epoch)
+    log.metrics_once({"train/loss": 0.0}, step=3)  # a resumed epoch: logged once, whatever the server says later
+    log.text("written while the server was away", "notes.txt")
+    log.tags({"phase": "outage"})
+    records = Buffer(folder, run_id).records()
+    assert [r.op.rpartition(":")[2] for r in records] == ["log_metrics_once", "log_batch"] * 2 + \
+        ["log_metrics_once", "log_artifact", "log_batch"]
+    assert (Buffer(folder, run_id).files / records[5].file).read_text() == "written while the server was away"
+    sent_twice = tmp_path / "copy"  # the buffer as a process that died after sending, before dropping, left it
+    shutil.copytree(folder, sent_twice)
+
+    server.start()
+    log.metrics_once({"train/loss": 0.2}, step=4)
+    assert not Buffer(folder, run_id).pending() and not any(folder.iterdir())
+    shutil.rmtree(folder)
+    shutil.copytree(sent_twice, folder)
+    assert tracking.RunLogger(server.url, run_id, folder).flush()
+    tracking.end_run(server.url, run_id, buffer=folder)
+
+    assert steps(client, run_id, "train/loss") == [0, 1, 2, 3, 4]
+    assert [m.value for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)] == \
+        pytest.approx([1.0, 0.5, 1 / 3, 0.25, 0.2])
+    assert steps(client, run_id, "lr") == [0, 1, 2, 3]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["phase"] == "outage" and run.data.params["lr"] == "0.1"
+    notes = Path(client.download_artifacts(run_id, "notes.txt", str(tmp_path)))
+    assert notes.read_text() == "written while the server was away"
+    assert not Buffer(folder, run_id).pending()
+
+
+def test_training_goes_on_without_the_server_and_one_command_uploads_the_rest(server, ray_cluster, demo_root,
+                                                                              tmp_path, capsys):
+    raw = tiny_raw(tmp_path, demo_root) | {"name": "outage", "mlflow": {"tracking_uri": server.url,
+                                                                       "experiment": "outage"}}
+    raw["ray"] |= {"num_workers": 1}
+    path = tmp_path / "outage.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = config.load(path)
+
+    def launch_without_server(cfg, job):  # the server goes away for good once the stage's run exists
+        server.stop()
+        return fit(cfg, job)
+
+    state = pipeline.run(cfg, launch=launch_without_server)
+    record = state.stages["train"]
+    assert record.done and checkpoint.model_file(record.checkpoint).is_file()
+    assert "oodlab mlflow-upload" in capsys.readouterr().out
+    waiting = tracking.buffered(cfg)
+    assert set(waiting) == {record.run_id, state.parent_run_id}
+
+    server.start()
+    client = MlflowClient(server.url)
+    assert client.get_metric_history(record.run_id, "train/loss") == []  # everything waited on disk
+    assert client.get_run(record.run_id).info.status == "RUNNING"
+    upload = oodlab("mlflow-upload", str(path), cwd=tmp_path, env=os.environ)
+    assert upload.returncode == 0, upload.stdout[-3000:]
+    assert f"sent {sum(waiting.values())} records of 2 runs" in upload.stdout
+    assert tracking.buffered(cfg) == {} and not any(tracking.buffer_folder(cfg).iterdir())
+
+    run, parent = client.get_run(record.run_id), client.get_run(state.parent_run_id)
+    assert run.info.status == parent.info.status == "FINISHED"
+    assert steps(client, record.run_id, "train/loss") == steps(client, record.run_id, "lr") == [0, 1]
+    for key, value in record.metrics.items():  # the last epoch's metrics, as the checkpoint has them
+        assert steps(client, record.run_id, key) in ([0, 1], [1]), key
+        assert run.data.metrics[key] == pytest.approx(value), key
+    assert "best_ood_epoch" in run.data.metrics and "train/id_acc" in parent.data.metrics
+    assert {"metrics.csv", "scores.npz", "plots"} <= {a.path for a in client.list_artifacts(record.run_id)}
+    assert "plots/epoch_curve.png" in {a.path for a in client.list_artifacts(record.run_id, "plots")}
+    assert "report.html" in {a.path for a in client.list_artifacts(state.parent_run_id)}
+    assert run.inputs.dataset_inputs
+    experiment = client.get_experiment_by_name("outage").experiment_id
+    models = client.search_logged_models([experiment], filter_string=f"source_run_id = '{record.run_id}'")
+    assert len(models) == 1
+
+    assert main(["mlflow-upload", str(path)]) == 0 and "nothing to upload" in capsys.readouterr().out
