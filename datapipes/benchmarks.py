@@ -285,7 +285,11 @@ def get_benchmark(ref: str | Path, root: Path | None = None) -> Benchmark:
             raise BenchmarkError(f"data.benchmark: unknown benchmark '{ref}'; built-ins: {', '.join(builtin_names())}, "
                                  "or the path of your own benchmark .yaml")
         base = None
-    bench = from_dict(yaml.safe_load(path.read_text()), ref, base, where=str(path))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise BenchmarkError(f"{path}: not valid YAML ({err}); fix the line it names") from None
+    bench = from_dict(raw, ref, base, where=str(path))
     return with_built_stats(bench, root) if root is not None else bench
 
 

@@ -61,6 +61,11 @@ def ray_run_dir(cfg: Config, stage: str) -> Path:
     return cfg.ray.storage_path / f"{cfg.name}.{stage}"
 
 
+def stage_error_file(cfg: Config, stage: str) -> Path:
+    """Where rank 0 leaves the error that stopped a stage for good (launch.fit raises it on the driver)."""
+    return ray_run_dir(cfg, stage) / "stage_error.txt"
+
+
 def dir_name(stage: str, epoch: int) -> str:
     return f"{stage}_epoch_{epoch:04d}"
 

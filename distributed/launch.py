@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from oodlab.config import Config, RayConfig
 from oodlab.errors import StageFailed
-from oodlab.distributed.checkpoint import ray_run_dir
+from oodlab.distributed.checkpoint import ray_run_dir, stage_error_file
 from oodlab.distributed.tracking import tracking_env
-from oodlab.distributed.worker import STAGE_ERROR, Job, train_loop_per_worker
+from oodlab.distributed.worker import Job, train_loop_per_worker
 
 SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
 
@@ -38,14 +39,24 @@ def ensure_ray(cfg: RayConfig) -> None:
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     env = {} if SUBMITTED_JOB_ENV in os.environ else tracking_env()
+    check_address(cfg.address)
     local = loopback_only() if cfg.address is None and "RAY_ADDRESS" not in os.environ else {}
+    ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", **env}}, **local)
+
+
+def check_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail fast when nothing listens at `ray.address` (host:port or ray://host:port): ray.init would wait for
+    minutes. None and "auto" (find the cluster on this machine; Ray fails fast itself) are not checked."""
+    if address in (None, "auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
-        ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", **env}}, **local)
-    except ConnectionError as err:
-        raise ConnectionError(f"ray.address: no Ray cluster answers at {cfg.address!r} ({err}); start it "
-                              "(`ray start --head`), fix the address, or remove ray.address to start a local "
-                              "instance") from None
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as err:
+        raise ConnectionError(f"ray.address: nothing answers at {address!r} ({err}); start the cluster "
+                              "(`ray start --head`), fix the address (host:port of the head's GCS, or "
+                              "ray://host:10001), or remove ray.address to start a local instance") from None
 
 
 def loopback_only() -> dict[str, str]:
@@ -105,7 +116,10 @@ def fit(cfg: Config, job: Job, callbacks: list[Any] | None = None,
     result = trainer(cfg, job, callbacks, loop).fit()
     if result.error is not None:
         raise result.error
-    if STAGE_ERROR in (result.metrics or {}):
-        raise StageFailed(f"stage {job.stage}: {result.metrics[STAGE_ERROR]}")
+    error = stage_error_file(cfg, job.stage)
+    if error.is_file():
+        message = error.read_text()
+        error.unlink()
+        raise StageFailed(f"stage {job.stage}: {message}")
     path = result.checkpoint.path if result.checkpoint is not None else None
     return StageResult(checkpoint=str(Path(path)) if path else None, metrics=dict(result.metrics or {}))

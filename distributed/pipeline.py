@@ -24,7 +24,7 @@ from oodlab.config import Config, ConfigError, TrainStage, check_unchanged, flat
 from oodlab.datapipes.benchmarks import Benchmark, for_config
 from oodlab.distributed import checkpoint, progress, tracking
 from oodlab.distributed.artifacts import finish_stage, log_report
-from oodlab.distributed.launch import StageResult, check_resources, ensure_ray, fit
+from oodlab.distributed.launch import StageResult, check_address, check_resources, ensure_ray, fit
 from oodlab.distributed.stages import TrainMethod
 from oodlab.distributed.worker import Job
 from oodlab.models import create_model
@@ -70,14 +70,15 @@ def method_tag(cfg: Config, name: str) -> str:
 
 def preflight(cfg: Config, restart: bool = False) -> Benchmark:
     """Every check that needs no cluster, before any log file, Ray or MLflow run: the benchmark and its files,
-    the init checkpoints, the same config as an earlier run of this name (unless `restart`), and a tracking
-    server that answers."""
+    the init checkpoints, the same config as an earlier run of this name (unless `restart`), a tracking server
+    that answers and a Ray address where something listens."""
     bench = for_config(cfg)
     check_inits(cfg, bench)
     saved = PipelineState.load(state_path(cfg)).config
     if saved and not restart:
         check_unchanged("pipeline", cfg.name, tracking.redacted_config(cfg), saved)
     tracking.check_reachable(cfg.mlflow.tracking_uri)
+    check_address(cfg.ray.address)
     return bench
 
 
@@ -90,7 +91,11 @@ def check_inits(cfg: Config, bench: Benchmark) -> None:
     expected = {k: tuple(v.shape) for k, v in
                 create_model(m.name, bench.num_classes, False, **m.kwargs).state_dict().items()}
     for name, init in files.items():
-        found = {k: tuple(v.shape) for k, v in checkpoint.load(checkpoint.model_file(init)).items()}
+        try:
+            found = {k: tuple(v.shape) for k, v in checkpoint.load(checkpoint.model_file(init)).items()}
+        except Exception as err:  # torch.load raises many kinds of error on a file that is no weights-only state dict
+            raise ConfigError(f"stages.{name}.init: {init} is not a checkpoint of weights ({type(err).__name__}); name "
+                              "a model.pt that oodlab or torch.save(model.state_dict()) wrote") from None
         problems = [f"missing {k}" for k in expected.keys() - found.keys()][:3]
         problems += [f"unexpected {k}" for k in found.keys() - expected.keys()][:3]
         problems += [f"{k}: {found[k]} in the file, {v} in the model" for k, v in expected.items()
@@ -132,12 +137,12 @@ def run(cfg: Config, restart: bool = False, launch: Callable[[Config, Job], Stag
     ensure_ray(cfg.ray)
     check_resources(cfg.ray)
     state = PipelineState.load(state_path(cfg))
-    uri = cfg.mlflow.tracking_uri
+    uri, buffer = cfg.mlflow.tracking_uri, tracking.buffer_folder(cfg)
     if state.parent_run_id is None:
         run_tags = {"oodlab.kind": "pipeline", "oodlab.benchmark": bench.name, **(tags or {})}
         state.parent_run_id = tracking.start_run(uri, cfg.mlflow.experiment, cfg.name, run_tags, parent_run_id)
         state.config = tracking.redacted_config(cfg)
-        parent = tracking.RunLogger(uri, state.parent_run_id, tracking.buffer_folder(cfg))
+        parent = tracking.RunLogger(uri, state.parent_run_id, buffer)
         parent.params(flatten(to_dict(cfg)))
         parent.text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
         state.save()
@@ -147,12 +152,11 @@ def run(cfg: Config, restart: bool = False, launch: Callable[[Config, Job], Stag
         run_stages(cfg, bench, state, launch, open_runs)
     except BaseException as err:
         for run_id in open_runs:
-            tracking.end_run(uri, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
-                             tracking.buffer_folder(cfg))
+            tracking.end_run(uri, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", buffer)
         raise
     log_report(cfg, state.parent_run_id, f"{cfg.name}: stages compared",
                {name: record.run_id for name, record in state.stages.items()})
-    tracking.end_run(uri, state.parent_run_id, buffer=tracking.buffer_folder(cfg))
+    tracking.end_run(uri, state.parent_run_id, buffer=buffer)
     if note := tracking.buffer_note(cfg):
         console.say(note)
     return state
@@ -180,7 +184,7 @@ def run_stages(cfg: Config, bench: Benchmark, state: PipelineState, launch: Call
             tracking.reopen_run(uri, record.run_id)
         open_runs.append(record.run_id)
         job = Job(config=to_dict(cfg), stage=name, init=resolve_init(cfg, state, name),
-                  threshold=resolve_threshold(cfg, state, name), run_id=record.run_id)
+                  threshold=resolve_threshold(cfg, state, name), run_id=record.run_id, launched_at=time.time())
         stage_logger = tracking.RunLogger(uri, record.run_id, tracking.buffer_folder(cfg))
         stage_logger.params({f"stage.{k}": v for k, v in flatten(stage.model_dump(mode="json")).items()}
                             | {"stage.init_checkpoint": job.init, "stage.forget_threshold": job.threshold})

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from oodlab import rng
+from oodlab.atomic import write_text
 from oodlab.config import Config, EstimateStage, EvalStage, TrainStage
 from oodlab.datapipes.benchmarks import Benchmark, get_benchmark
 from oodlab.datapipes.beton import read_info
@@ -46,6 +47,7 @@ class Job:
     init: str | None  # model.pt to start from (resolved by the pipeline)
     threshold: float | None  # resolved forgetting threshold, when the stage floors its loss
     run_id: str  # MLflow run of this stage
+    launched_at: float = 0.0  # the driver's time.time() when it launched the stage
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -67,6 +69,7 @@ class Worker:
         self.log = (tracking.RunLogger(self.cfg.mlflow.tracking_uri, job.run_id, tracking.buffer_folder(self.cfg))
                     if self.rank == 0 else None)
         self._eval_loaders: dict[str, Any] | None = None
+        self._started = False
         self.record_nodes()
 
     def record_nodes(self) -> None:
@@ -151,6 +154,15 @@ class Worker:
         if self.log is not None:
             self.log.metrics_once(metrics, step=epoch)
 
+    def first_step_done(self) -> None:
+        """Rank 0 logs `stage_startup_seconds` (driver launch -> first step done: Ray workers, imports, data
+        loaders, FFCV's compilation) once per attempt of the stage."""
+        if self._started:
+            return
+        self._started = True
+        if self.log is not None and self.job.launched_at:
+            self.log.metrics({STARTUP: time.time() - self.job.launched_at}, step=0)
+
     def say(self, text: str) -> None:
         """A progress line from rank 0 (through logging: Ray Train tees print() into its logs twice)."""
         if self.rank == 0:
@@ -171,14 +183,14 @@ class StageError(Exception):
 
 
 RESUMED = "resumed_after_epoch"  # logged by a resumed stage, once per resume
-STAGE_ERROR = "oodlab/stage_error"  # the metric a stopped stage reports its error under (launch.fit raises it)
+STARTUP = "stage_startup_seconds"  # logged once per attempt of a stage
 
 
 def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
     """Ray Train entry point. The first worker on each node logs that node's system metrics to the stage's run.
 
-    A StageError ends the loop normally with the error as its last report: Ray retries only system failures
-    (a raised exception would be retried `ray.max_failures` times, and fail the same way each time).
+    A StageError ends the loop normally, its message left in the stage's error file for the driver: Ray retries
+    only system failures (a raised exception would be retried `ray.max_failures` times, failing the same way).
     """
     worker = Worker(Job(**job_dict))
     stage = worker.cfg.stages[worker.job.stage]
@@ -194,7 +206,8 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
                 run_train(worker, stage)
         except StageError as err:
             worker.say(f"stopped: {err}")
-            ray.train.report({STAGE_ERROR: str(err)})
+            if worker.rank == 0:
+                write_text(checkpoint.stage_error_file(worker.cfg, worker.job.stage), str(err))
 
 
 def run_train(worker: Worker, stage: TrainStage) -> None:
@@ -281,6 +294,7 @@ def train_epoch(ddp: torch.nn.Module, net: FeatureNet, loader, opt, sched, metho
         loss.backward()
         opt.step()
         sched.step()
+        worker.first_step_done()
         stats["loss"] = loss.detach()
         for k, v in stats.items():  # tensors stay on the device (the finiteness check is the one per-step sync)
             totals[k] = totals.get(k, 0.0) + v * len(y)
@@ -328,6 +342,7 @@ def run_estimate(worker: Worker, stage: EstimateStage) -> None:
             logits = net(x)[0][:take]
             loss_sum += F.cross_entropy(logits.float(), y[:take], reduction="sum").item()
             count += take
+            worker.first_step_done()
     sums = torch.tensor([loss_sum, count], dtype=torch.float64, device=worker.device)
     if dist.is_initialized():
         dist.all_reduce(sums)

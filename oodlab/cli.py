@@ -169,13 +169,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config, args.overrides)
-    from oodlab.datapipes.benchmarks import for_config
-    from oodlab.distributed import tracking
+    from oodlab.distributed import pipeline
     from oodlab.tuning import summary, sweep
 
-    sweep.check(cfg)  # config errors first, then the data and the tracking server: all before any log file or Ray
-    for_config(cfg)
-    tracking.check_reachable(cfg.mlflow.tracking_uri)
+    sweep.check(cfg)  # config errors first, then the data and the servers: all before any log file or Ray
+    pipeline.preflight(cfg, args.restart)
     with ray_output(args, cfg, "tune"):
         result = sweep.run(cfg, restart=args.restart)
     print(summary.text(result, cfg, args.config, args.overrides))

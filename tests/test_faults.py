@@ -142,3 +142,18 @@ def test_restart_trains_anew_and_moves_the_old_run_aside(reference):
     moved = list((reference.ray.storage_path / reference.name).glob("replaced-*"))
     assert len(moved) == 1 and {p.name for p in moved[0].iterdir()} == {"pipeline.json", f"{reference.name}.train"}
     assert_same_weights(final(reference)[0], old_weights)  # trained from scratch again, to the same weights
+
+
+def test_a_nan_loss_stops_the_stage_at_that_step_without_a_checkpoint(ray_cluster, demo_root, tmp_path, capsys):
+    from oodlab.cli import main
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw_config(tmp_path, demo_root)))
+    assert main(["train", str(path), "stages.train.lr=1e30"]) == 1  # the weights overflow within a few steps
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (Ray's own lines come before it)
+    assert last.startswith("oodlab: error: stage train: the loss is not finite (nan or inf) at epoch 1, step")
+    cfg = config.load(path, ["stages.train.lr=1e30"])
+    assert not list(checkpoint.ray_run_dir(cfg, "train").glob("train_epoch_*"))
+    state = PipelineState.load(pipeline.state_path(cfg))
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    assert {client.get_run(r).info.status for r in (state.parent_run_id, state.stages["train"].run_id)} == {"FAILED"}
