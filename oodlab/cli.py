@@ -190,11 +190,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if experiment is not None:
         page = tracking.runs_url(page, experiment.experiment_id)
     print(f"MLflow UI for {tracking.redact(uri)}: open {page}  (Ctrl-C to stop)", flush=True)
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    # The store's URI goes through the environment: a command line (with any credentials in it) is visible to
+    # every user of the machine.
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_BACKEND_STORE_URI": uri}
     # One server process: enough for one user, quicker to start, and not restarted by uvicorn's worker health
     # checks when the machine is busy training.
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-           "--port", str(args.port), "--workers", "1"]
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--host", args.host, "--port", str(args.port), "--workers", "1"]
     return subprocess.call(cmd, env=env)
 
 

@@ -25,8 +25,10 @@ def ray_cluster():
 
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
     os.environ["RAY_TMPDIR"] = ray_tmp
+    from oodlab.distributed.launch import loopback_only
+
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_tmp,
-             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}})
+             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}}, **loopback_only())
     yield ray
     ray.shutdown()
     shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -54,6 +56,22 @@ def tiny_raw(tmp: Path, data_root: Path) -> dict:
         "mlflow": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "test"},
         "stages": {"train": {"epochs": 2, "lr": 0.05}},
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_cluster, demo_root, tmp_path_factory):
+    """One finished 2-epoch, 2-worker run of `tiny_raw`, shared by the tests that read a run (they must not change
+    it): (config path, config, pipeline state)."""
+    import yaml
+
+    from oodlab import config
+    from oodlab.distributed import pipeline
+
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw(tmp, demo_root)))
+    cfg = config.load(path)
+    return path, cfg, pipeline.run(cfg)
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from pathlib import Path
 
 import pytest
 import ray

@@ -1,10 +1,11 @@
 """Fault drills with real processes and real signals, exact resume, and --restart.
 
-A 2-epoch, 2-worker run on the digits data is the reference. The same config then runs with one Ray Train
-worker SIGKILLed after the first checkpoint (Ray Train restarts the worker group), and with the `oodlab train`
-driver SIGKILLed after the first checkpoint, then the same command again. Each must end with the reference's
-weights and metrics (to 1e-6), every epoch logged to MLflow exactly once and its runs FINISHED. The recovery
-time (kill -> the resumed stage training again: the timestamp of its `resumed_after_epoch` metric) is printed.
+The session's tiny run (2 epochs, 2 workers, digits data) is the reference. The same config then runs with one
+Ray Train worker SIGKILLed after the first checkpoint (Ray Train restarts the worker group), then with --restart,
+and with the `oodlab train` driver SIGKILLed after the first checkpoint, then the same command again. Each must
+end with the reference's weights and metrics (to 1e-6), every epoch logged to MLflow exactly once and its runs
+FINISHED. The recovery time (kill -> the resumed stage training again: the timestamp of its
+`resumed_after_epoch` metric) is printed.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ EPOCHS = 2
 
 
 def raw_config(tmp: Path, data_root: Path) -> dict:
+    """The config of the session's tiny run (conftest), under `tmp`."""
     raw = tiny_raw(tmp, data_root)
-    raw["stages"]["train"]["epochs"] = EPOCHS
-    raw["eval"]["final_scores"] = raw["eval"]["scores"]
+    assert raw["stages"]["train"]["epochs"] == EPOCHS
     return raw
 
 
@@ -48,25 +49,15 @@ def final(cfg: config.Config) -> tuple[dict[str, torch.Tensor], dict[str, float]
     return weights, {k: v for k, v in record.metrics.items() if "seconds" not in k}, record.run_id
 
 
-def assert_same_weights(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert weights.keys() == expected.keys()
-    for key, value in weights.items():
-        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
-
-
 def assert_same_as_reference(cfg: config.Config, reference: config.Config) -> str:
     """Same weights and metrics as the reference run, each epoch logged once, runs FINISHED; the stage run id."""
-    weights, metrics, _ = final(cfg)
+    weights, metrics, run_id = final(cfg)
     ref_weights, ref_metrics, _ = final(reference)
-    assert_same_weights(weights, ref_weights)
+    assert weights.keys() == ref_weights.keys()
+    for key, value in weights.items():
+        torch.testing.assert_close(value, ref_weights[key], rtol=0, atol=1e-6, msg=key)
     assert metrics.keys() == ref_metrics.keys()
     assert metrics == pytest.approx(ref_metrics, rel=0, abs=1e-6)
-    return assert_logged_once_and_finished(cfg)
-
-
-def assert_logged_once_and_finished(cfg: config.Config) -> str:
-    """Every epoch's metrics in the stage's MLflow run exactly once, its runs FINISHED; the stage run id."""
-    run_id = final(cfg)[2]
     client = MlflowClient(cfg.mlflow.tracking_uri)
     for key in ("train/loss", "id_acc", "ood/energy/all/auroc"):
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(EPOCHS)), key
@@ -93,14 +84,12 @@ def after_first_checkpoint(cfg: config.Config, timeout_s: float = 300) -> float:
 
 
 @pytest.fixture(scope="module")
-def reference(ray_cluster, demo_root, tmp_path_factory) -> config.Config:
-    tmp = tmp_path_factory.mktemp("reference")
-    cfg = config.validate(raw_config(tmp, demo_root), tmp)
-    pipeline.run(cfg)
-    return cfg
+def reference(tiny_run) -> config.Config:
+    """The uninterrupted run: the session's tiny run."""
+    return tiny_run[1]
 
 
-def test_sigkill_of_a_train_worker_resumes_exactly(reference, demo_root, tmp_path):
+def test_sigkill_of_a_train_worker_resumes_exactly_and_restart_trains_anew(reference, demo_root, tmp_path):
     cfg = config.validate(raw_config(tmp_path, demo_root), tmp_path)
     killed: list[float] = []
 
@@ -115,6 +104,12 @@ def test_sigkill_of_a_train_worker_resumes_exactly(reference, demo_root, tmp_pat
     killer.join()
     run_id = assert_same_as_reference(cfg, reference)
     print(f"\nworker SIGKILL: recovery {recovery_seconds(cfg, run_id, killed[0]):.1f} s (kill -> training again)")
+
+    pipeline.run(cfg, restart=True)
+    new_run = assert_same_as_reference(cfg, reference)  # trained from scratch again, to the same weights
+    assert new_run != run_id and not MlflowClient(cfg.mlflow.tracking_uri).get_metric_history(new_run, RESUMED)
+    moved = list((cfg.ray.storage_path / cfg.name).glob("replaced-*"))
+    assert len(moved) == 1 and {p.name for p in moved[0].iterdir()} == {"pipeline.json", f"{cfg.name}.train"}
 
 
 def test_sigkill_of_the_train_driver_then_rerun_resumes_exactly(reference, demo_root, tmp_path):
@@ -132,16 +127,6 @@ def test_sigkill_of_the_train_driver_then_rerun_resumes_exactly(reference, demo_
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     run_id = assert_same_as_reference(cfg, reference)
     print(f"\ndriver SIGKILL: recovery {recovery_seconds(cfg, run_id, killed_at):.1f} s (kill -> rerun training again)")
-
-
-def test_restart_trains_anew_and_moves_the_old_run_aside(reference):
-    old_weights, _, old_run = final(reference)
-    pipeline.run(reference, restart=True)
-    new_run = assert_logged_once_and_finished(reference)
-    assert new_run != old_run and not MlflowClient(reference.mlflow.tracking_uri).get_metric_history(new_run, RESUMED)
-    moved = list((reference.ray.storage_path / reference.name).glob("replaced-*"))
-    assert len(moved) == 1 and {p.name for p in moved[0].iterdir()} == {"pipeline.json", f"{reference.name}.train"}
-    assert_same_weights(final(reference)[0], old_weights)  # trained from scratch again, to the same weights
 
 
 def test_a_nan_loss_stops_the_stage_at_that_step_without_a_checkpoint(ray_cluster, demo_root, tmp_path, capsys):

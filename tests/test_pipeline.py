@@ -10,17 +10,15 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import tiny_raw
 from mlflow.tracking import MlflowClient
 
-from oodlab import config
 from oodlab.cli import main
 from oodlab.datapipes.benchmarks import get_benchmark
 from oodlab.distributed import checkpoint, pipeline
@@ -31,14 +29,9 @@ ALL_SCORES = ["msp", "maxlogit", "energy", "odin", "react", "ash", "knn", "mahal
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, demo_root):
-    """One 2-epoch, 2-worker training run shared by the tests below; its config saved as YAML."""
-    tmp = tmp_path_factory.mktemp("pipeline")
-    raw = tiny_raw(tmp, demo_root)
-    path = tmp / "cfg.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    cfg = config.load(path)
-    return path, cfg, pipeline.run(cfg)
+def trained(tiny_run):
+    """The session's tiny 2-epoch, 2-worker training run (conftest); its config saved as YAML."""
+    return tiny_run
 
 
 def test_training_run_is_tracked_in_mlflow(trained):
@@ -129,6 +122,12 @@ def test_eval_command_prints_every_score(trained, capsys):
     table = capsys.readouterr().out.split("ID accuracy", 1)[1]
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[1:] == ALL_SCORES  # header row, then one row per score
+    # The saved model reproduces what training logged for it (rank 0's BatchNorm statistics, fp32).
+    evaluated = pipeline.PipelineState.load(state.path.parent.with_name("t-eval") / state.path.name).stages["eval"].metrics
+    logged = state.stages["train"].metrics
+    shared = [k for k in logged if k == "id_acc" or k.startswith(("ood/msp/", "ood/energy/", "ood/featnorm/"))]
+    assert len(shared) > 50 and {k: evaluated[k] for k in shared} == pytest.approx({k: logged[k] for k in shared},
+                                                                                rel=0, abs=1e-6)
 
 
 def _free_port() -> int:
@@ -168,3 +167,24 @@ def test_ui_serves_the_run_and_its_metric_history(trained):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+LISTENERS = """
+import json
+import psutil
+from oodlab.config import RayConfig
+from oodlab.distributed.launch import ensure_ray
+ensure_ray(RayConfig())
+ips = {c.laddr.ip for p in psutil.Process().children(recursive=True) if p.name() in ("gcs_server", "raylet")
+       for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+print(json.dumps(sorted(ips)))
+"""
+
+
+def test_a_local_ray_instance_listens_on_127_0_0_1_only():
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: Ray's socket paths have a length limit
+    out = subprocess.run([sys.executable, "-c", LISTENERS], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    listening = json.loads(out.stdout.strip().splitlines()[-1])
+    assert listening and all(ip.removeprefix("::ffff:") == "127.0.0.1" for ip in listening), listening
