@@ -8,8 +8,8 @@ Every step goes through oodlab's own pipeline (`pipeline.run`: Ray Train, FFCV, 
    Train worker per GPU (NCCL), bf16 autocast, channels_last and FFCV's ToDevice. Images/s per GPU come
    from the epochs that do not evaluate (the first warms up), beside FFCV's published ResNet-50 figure.
 2. science: configs/fmnist_science.yaml, every stage, a few epochs, on the GPUs.
-3. eval: the science baseline's last checkpoint, scored by an eval stage on the GPU (bf16) and on the CPU
-   (fp32, gloo): every score's AUROC, per OOD group, must agree within 0.1 points.
+3. eval: the science baseline's last checkpoint, scored by an eval stage on the GPU and on the CPU (gloo),
+   both in fp32: every score's AUROC, per OOD group, must agree within 0.1 points.
 --dry-run runs the same steps on a CPU machine at tiny sizes: gloo, fp32, 2 workers x 1 CPU, 32 images of
 10 classes for step 1 and the digits benchmark for steps 2 and 3 (the "GPU" evaluation is then a second
 CPU one). It checks everything short of CUDA. Exit status 1 when the AUROC check fails.

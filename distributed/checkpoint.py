@@ -70,6 +70,13 @@ def dir_name(stage: str, epoch: int) -> str:
     return f"{stage}_epoch_{epoch:04d}"
 
 
+def newest_dir(cfg: Config, stage: str) -> Path | None:
+    """The stage's newest checkpoint folder with its meta.json, or None: after Ray Train's fit returns, the stage's
+    final checkpoint, whether or not Ray registered it (see newest_training_state)."""
+    return next((p for p in sorted(ray_run_dir(cfg, stage).glob(f"{stage}_epoch_*"), reverse=True)
+                 if (p / META).is_file()), None)
+
+
 def newest_training_state(cfg: Config, stage: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """(train_state, meta) of the stage's newest complete checkpoint in its Ray run folder, or None.
 

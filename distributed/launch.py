@@ -6,7 +6,6 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -16,7 +15,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from oodlab.config import Config, RayConfig
 from oodlab.errors import StageFailed
-from oodlab.distributed.checkpoint import ray_run_dir, stage_error_file
+from oodlab.distributed import checkpoint
 from oodlab.distributed.tracking import tracking_env
 from oodlab.distributed.worker import Job, train_loop_per_worker
 
@@ -99,7 +98,7 @@ def trainer(cfg: Config, job: Job, callbacks: list[Any] | None = None,
                                      resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {}),
                                                            **r.resources_per_worker}),
         run_config=RunConfig(
-            name=ray_run_dir(cfg, job.stage).name,
+            name=checkpoint.ray_run_dir(cfg, job.stage).name,
             storage_path=str(r.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             failure_config=FailureConfig(max_failures=r.max_failures),
@@ -116,10 +115,12 @@ def fit(cfg: Config, job: Job, callbacks: list[Any] | None = None,
     result = trainer(cfg, job, callbacks, loop).fit()
     if result.error is not None:
         raise result.error
-    error = stage_error_file(cfg, job.stage)
+    error = checkpoint.stage_error_file(cfg, job.stage)
     if error.is_file():
         message = error.read_text()
         error.unlink()
         raise StageFailed(f"stage {job.stage}: {message}")
-    path = result.checkpoint.path if result.checkpoint is not None else None
-    return StageResult(checkpoint=str(Path(path)) if path else None, metrics=dict(result.metrics or {}))
+    newest = checkpoint.newest_dir(cfg, job.stage)
+    if newest is None:
+        return StageResult(checkpoint=None, metrics=dict(result.metrics or {}))
+    return StageResult(checkpoint=str(newest), metrics=checkpoint.read_meta(newest)["metrics"])

@@ -253,8 +253,7 @@ def training_state(worker: Worker, net: FeatureNet, opt, sched, loader, epoch: i
 def resume(worker: Worker, net: FeatureNet, opt, sched, loader) -> int:
     """Restore the stage's newest checkpoint, if it has one (a retry or a rerun); return the first epoch to run.
 
-    Rank 0 logs that checkpoint's metrics if the attempt that wrote it died before logging them. Resumed
-    after the last epoch, every rank reports them again, so the stage's result carries them.
+    Rank 0 logs that checkpoint's metrics if the attempt that wrote it died before logging them.
     """
     found = checkpoint.newest_training_state(worker.cfg, worker.job.stage)
     if found is None:
@@ -272,8 +271,6 @@ def resume(worker: Worker, net: FeatureNet, opt, sched, loader) -> int:
     worker.log_once(meta["metrics"], epoch)
     if worker.log is not None:  # when training went on: the metric's timestamp (recovery time = it - the fault)
         worker.log.metrics({RESUMED: epoch + 1}, step=epoch)
-    if epoch == worker.cfg.stages[worker.job.stage].epochs - 1:
-        ray.train.report(meta["metrics"])
     worker.say(f"resumed after epoch {epoch + 1}")
     return epoch + 1
 
