@@ -38,4 +38,5 @@ fi
 echo "oodlab setup: installing torch, then oodlab and its pinned dependencies (first time: a few minutes)"
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e ".[dev]"
-echo "oodlab setup: done ($(.venv/bin/oodlab --help >/dev/null && echo 'oodlab CLI ok'))"
+.venv/bin/oodlab --help >/dev/null  # fails the set-up (set -e) if oodlab cannot start
+echo "oodlab setup: done (oodlab CLI ok)"
