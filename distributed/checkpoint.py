@@ -70,11 +70,15 @@ def dir_name(stage: str, epoch: int) -> str:
     return f"{stage}_epoch_{epoch:04d}"
 
 
+def newest_first(cfg: Config, stage: str) -> list[Path]:
+    """The stage's checkpoint folders in its Ray run folder, the newest first."""
+    return sorted(ray_run_dir(cfg, stage).glob(f"{stage}_epoch_*"), reverse=True)
+
+
 def newest_dir(cfg: Config, stage: str) -> Path | None:
     """The stage's newest checkpoint folder with its meta.json, or None: after Ray Train's fit returns, the stage's
     final checkpoint, whether or not Ray registered it (see newest_training_state)."""
-    return next((p for p in sorted(ray_run_dir(cfg, stage).glob(f"{stage}_epoch_*"), reverse=True)
-                 if (p / META).is_file()), None)
+    return next((p for p in newest_first(cfg, stage) if (p / META).is_file()), None)
 
 
 def newest_training_state(cfg: Config, stage: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -84,7 +88,7 @@ def newest_training_state(cfg: Config, stage: str) -> tuple[dict[str, Any], dict
     there, but Ray Train registers it only when its controller next polls the workers, so after a worker dies
     Ray may hand back the one before. A checkpoint whose files are incomplete (a copy cut short) is skipped.
     """
-    for path in sorted(ray_run_dir(cfg, stage).glob(f"{stage}_epoch_*"), reverse=True):
+    for path in newest_first(cfg, stage):
         try:
             return load(path / TRAIN_STATE), read_meta(path)
         except (OSError, RuntimeError, ValueError, EOFError):
