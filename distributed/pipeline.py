@@ -109,9 +109,7 @@ def retire(cfg: Config) -> None:
     """--restart: move the pipeline's state and Ray run folders aside (nothing is deleted), so that Ray Train
     starts every stage anew, and end the earlier MLflow runs still open as KILLED."""
     old = PipelineState.load(state_path(cfg))
-    for run_id in [old.parent_run_id, *(r.run_id for r in old.stages.values() if not r.done)]:
-        if run_id and tracking.client(cfg.mlflow.tracking_uri).get_run(run_id).info.status == "RUNNING":
-            tracking.end_run(cfg.mlflow.tracking_uri, run_id, "KILLED")
+    tracking.kill_open_runs(cfg.mlflow.tracking_uri, [old.parent_run_id, *(r.run_id for r in old.stages.values())])
     moving = [p for p in [state_path(cfg), *(checkpoint.ray_run_dir(cfg, s) for s in cfg.stages)] if p.exists()]
     if not moving:
         return
@@ -123,15 +121,16 @@ def retire(cfg: Config) -> None:
 
 
 def run(cfg: Config, restart: bool = False, launch: Callable[[Config, Job], StageResult] = fit,
-        parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> PipelineState:
+        parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+        checked: Benchmark | None = None) -> PipelineState:
     """Run (or resume) every stage; return the final state with each stage's checkpoint and metrics.
 
     `launch` runs one stage (a sweep passes one that reports to Tune); `parent_run_id` nests this
-    pipeline's MLflow run under another (a sweep's), `tags` are added to it. Bad input fails before any
-    MLflow run exists; a failure later ends the open runs as FAILED (KILLED on Ctrl-C), and a rerun
-    continues them.
+    pipeline's MLflow run under another (a sweep's), `tags` are added to it; `checked` is the benchmark a
+    caller's `preflight` returned (else run checks). Bad input fails before any MLflow run exists; a failure
+    later ends the open runs as FAILED (KILLED on Ctrl-C), and a rerun continues them.
     """
-    bench = preflight(cfg, restart)
+    bench = checked or preflight(cfg, restart)
     if restart:
         retire(cfg)
     ensure_ray(cfg.ray)

@@ -151,6 +151,14 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED", buffer: Pa
     RunLogger(tracking_uri, run_id, buffer).end(status)
 
 
+def kill_open_runs(tracking_uri: str, run_ids: list[str | None]) -> None:
+    """End as KILLED the runs still RUNNING (a run replaced by --restart); None entries are skipped."""
+    c = client(tracking_uri)
+    for run_id in run_ids:
+        if run_id and c.get_run(run_id).info.status == "RUNNING":
+            end_run(tracking_uri, run_id, "KILLED")
+
+
 def reopen_run(tracking_uri: str, run_id: str) -> None:
     """Mark a run that a failure ended (FAILED, KILLED) as RUNNING again: its rerun continues it."""
     c = client(tracking_uri)
@@ -291,9 +299,9 @@ def answers(tracking_uri: str) -> bool:
 class RunLogger:
     """Logs to one existing run. Create it on rank 0 only.
 
-    With a `buffer` folder, every call first checks that the server answers and sends what waits in the run's
-    buffer (oldest first); a call the server does not take because it is unreachable (refused, timed out, 5xx)
-    is kept there (tracking_buffer) instead of failing training. Any other error (bad input) raises.
+    With a `buffer` folder, a call the server does not take because it is unreachable (refused, timed out, 5xx)
+    is kept there (tracking_buffer) instead of failing training; while records wait, every call first asks the
+    server's /health and, once it answers, sends them (oldest first). Any other error (bad input) raises.
     """
 
     def __init__(self, tracking_uri: str, run_id: str, buffer: Path | None = None):
@@ -322,7 +330,7 @@ class RunLogger:
 
     def flush(self) -> bool:
         """Send the buffered records, oldest first, if the server answers; True if none are left (or no buffer)."""
-        if self.buffer is None:
+        if self.buffer is None or not self.buffer.pending():
             return True
         if not answers(self.tracking_uri):
             return False

@@ -118,9 +118,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config, args.overrides)
     from oodlab.distributed import pipeline
 
-    pipeline.preflight(cfg, args.restart)  # bad input fails here: before any log file, run folder or Ray
+    checked = pipeline.preflight(cfg, args.restart)  # bad input fails here: before any log file, run folder or Ray
     with ray_output(args, cfg, "train"):
-        state = pipeline.run(cfg, restart=args.restart)
+        state = pipeline.run(cfg, restart=args.restart, checked=checked)
     print_comparison(cfg, pipeline.results(state))
     return 0
 
@@ -135,9 +135,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     written = build(bench, cfg.data.root, log=print)
     print(f"demo data: {len(written)} file(s) written under {cfg.data.root / bench.name}" if written
           else f"demo data: current files under {cfg.data.root / bench.name}")
-    pipeline.preflight(cfg, args.restart)
+    checked = pipeline.preflight(cfg, args.restart)
     with ray_output(args, cfg, "demo"):
-        state = pipeline.run(cfg, restart=args.restart)
+        state = pipeline.run(cfg, restart=args.restart, checked=checked)
     print_comparison(cfg, pipeline.results(state))
     print(f"\nCompare the runs in the MLflow UI:  oodlab ui {args.config}   (then open the address it prints)")
     return 0

@@ -476,7 +476,8 @@ PLACEMENT_KEYS = ("ray.address", "ray.max_failures", "data.root", "data.loader_t
 
 def check_unchanged(kind: str, name: str, now: dict[str, Any], then: dict[str, Any]) -> None:
     """Refuse to resume run `name` under another config: ConfigError listing every changed key (flattened
-    configs; PLACEMENT_KEYS may change)."""
+    configs; PLACEMENT_KEYS may change). `then` may be nested, as sweep.json kept it before it was flattened."""
+    then = flatten(then)
     changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k) and k not in PLACEMENT_KEYS)
     if changed:
         raise ConfigError(f"{kind} '{name}' was started with another config (differs in: {', '.join(changed)}); "

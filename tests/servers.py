@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CLUSTER_HELPER = Path(__file__).parent / "local_ray_cluster.py"
@@ -65,6 +65,25 @@ class RayCluster:
     address: str  # the GCS: ray.address for a driver
     dashboard: str | None  # the job server
     node_ids: list[str]
+    helper: subprocess.Popen = field(repr=False)
+
+    def remove_node(self) -> str:
+        """Kill every process of the newest worker node (SIGKILL); its id."""
+        return self._command("remove", "REMOVED")
+
+    def add_node(self) -> str:
+        """Start another worker node; its id."""
+        return self._command("add", "ADDED")
+
+    def _command(self, command: str, answer: str) -> str:
+        self.helper.stdin.write(command + "\n")
+        self.helper.stdin.flush()
+        for line in self.helper.stdout:  # (skipping anything else a node may print)
+            reply = line.split()
+            if reply[:1] in ([answer], ["ERROR"]):
+                assert reply[0] == answer, f"the cluster helper answered {line!r} to {command!r}"
+                return reply[1]
+        raise AssertionError(f"the cluster helper exited while answering {command!r}")
 
 
 @contextlib.contextmanager
@@ -81,11 +100,12 @@ def local_ray_cluster(nodes: int = 1, cpus: int = 1, resources: dict | None = No
     with (tmp / "cluster.log").open("w") as log:
         proc = subprocess.Popen([sys.executable, str(CLUSTER_HELPER), *args,
                                  *(["--dashboard-port", str(dashboard_port)] if dashboard else [])],
-                                env=env, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+                                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                start_new_session=True)
     try:
         ready = proc.stdout.readline().split()
         assert ready[:1] == ["READY"], f"the Ray cluster did not start:\n{(tmp / 'cluster.log').read_text()[-3000:]}"
-        yield RayCluster(ready[1], f"http://127.0.0.1:{dashboard_port}" if dashboard else None, ready[2:])
+        yield RayCluster(ready[1], f"http://127.0.0.1:{dashboard_port}" if dashboard else None, ready[2:], proc)
     finally:
         stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)

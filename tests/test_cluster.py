@@ -1,8 +1,9 @@
 """oodlab on a real two-node Ray cluster on this machine (tests/local_ray_cluster.py: 127.0.0.1, token auth on).
 
 `oodlab submit --follow` from another working directory trains one DDP model with a worker on each node, and
-its metrics equal the same run on one node; `oodlab jobs list | logs | stop`; a bad config is refused before any
-network; Ray's upload limit; every worker checks the data root on its node. The cluster runs in its own process
+its metrics equal the same run on one node, also when the node of one of the two workers is lost mid-stage (all
+its processes SIGKILLed) and another node joins; `oodlab jobs list | logs | stop`; a bad config is refused before
+any network; Ray's upload limit; every worker checks the data root on its node. The cluster runs in its own process
 group, apart from the session's local Ray that this process is connected to. The one-node reference run trains on
 that local Ray before the cluster starts: Ray Train's placement-group cleaner asks the newest Ray instance on the
 machine whether its controller lives (see local_ray_cluster.py), and would tear down a run on the older one.
@@ -24,15 +25,16 @@ import ray
 import requests
 import yaml
 from conftest import tiny_raw
+from drills import after_first_checkpoint, recovery_seconds
 from mlflow.tracking import MlflowClient
 from ray._private.runtime_env import packaging
-from servers import local_ray_cluster, oodlab
+from servers import RayCluster, local_ray_cluster, oodlab
 
 from oodlab import config
 from oodlab.cli import main
 from oodlab.datapipes.benchmarks import BUILTIN_DIR
 from oodlab.distributed import pipeline
-from oodlab.distributed.worker import check_data_root
+from oodlab.distributed.worker import RESUMED, check_data_root
 
 TOKEN = secrets.token_hex(16)  # the cluster's Ray auth token
 MLFLOW_PASSWORD = f"pw-{secrets.token_hex(8)}"  # travels to the job; must never be printed
@@ -43,6 +45,7 @@ class LocalCluster:
     address: str  # the job server (dashboard)
     node_ids: list[str]
     env: dict[str, str] = field(repr=False)  # a client's environment: the token, MLflow credentials
+    nodes: RayCluster = field(repr=False)  # removes and adds worker nodes
 
     def job(self, job_id: str, what: str = "") -> dict | str:
         """The job server's REST API, read with the token: the job's details, or (`what="logs"`) its logs."""
@@ -79,7 +82,7 @@ def cluster():
     with local_ray_cluster(nodes=2, resources={"train_slot": 1}, dashboard=True, token=TOKEN) as ray_nodes:
         client_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN,
                       "MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD}
-        yield LocalCluster(ray_nodes.dashboard, ray_nodes.node_ids, client_env)
+        yield LocalCluster(ray_nodes.dashboard, ray_nodes.node_ids, client_env, ray_nodes)
 
 
 def write_config(tmp: Path, data_root: Path, name: str, benchmark: Path | None = None, **ray_fields) -> Path:
@@ -136,8 +139,9 @@ def test_submit_follow_trains_one_model_with_a_worker_on_each_node(one_node_run,
 
 
 def learned(metrics: dict[str, float]) -> dict[str, float]:
-    """A run's training and evaluation numbers, without its timings and machine readings."""
-    return {k: v for k, v in metrics.items() if not k.startswith("system/") and not k.endswith("_seconds")}
+    """A run's training and evaluation numbers, without its timings, machine readings and resume marks."""
+    return {k: v for k, v in metrics.items()
+            if not k.startswith("system/") and not k.endswith("_seconds") and k != RESUMED}
 
 
 def test_jobs_list_logs_and_stop(cluster, demo_root, tmp_path):
@@ -164,6 +168,34 @@ def test_jobs_list_logs_and_stop(cluster, demo_root, tmp_path):
     without_token = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_TOKEN"} | {"HOME": str(tmp_path)}
     refused = oodlab("jobs", "list", "--address", cluster.address, cwd=tmp_path, env=without_token)
     assert refused.returncode == 1 and "auth" in refused.stdout.lower(), refused.stdout[-2000:]
+
+
+def test_a_worker_node_lost_mid_stage_and_one_added_back_resumes_exactly(one_node_run, cluster, demo_root, unaugmented,
+                                                                        tmp_path):
+    """The drill: every process of the newest node (one worker) SIGKILLed after the first checkpoint, a node added;
+    Ray Train restarts the worker group on it and the job ends with the one-node run's numbers."""
+    path = write_config(tmp_path, demo_root, "node-drill", unaugmented, resources_per_worker={"train_slot": 1})
+    cfg = config.load(path)
+    submitted = oodlab("submit", str(path), "--address", cluster.address, cwd=tmp_path, env=cluster.env)
+    assert submitted.returncode == 0, submitted.stdout[-3000:]
+    job_id = submitted_id(submitted.stdout)
+    removed_at = after_first_checkpoint(cfg)
+    removed = cluster.nodes.remove_node()
+    added = cluster.nodes.add_node()
+    deadline = time.monotonic() + 600
+    while (status := cluster.job(job_id)["status"]) in ("PENDING", "RUNNING"):
+        assert time.monotonic() < deadline, cluster.job(job_id, "logs")[-5000:]
+        time.sleep(2)
+    assert status == "SUCCEEDED", cluster.job(job_id, "logs")[-5000:]
+
+    client, stage = stage_run(cfg.mlflow.tracking_uri, "node-drill")
+    assert {stage.info.status, client.get_run(stage.data.tags["mlflow.parentRunId"]).info.status} == {"FINISHED"}
+    for key in ("train/loss", "id_acc"):
+        assert [m.step for m in client.get_metric_history(stage.info.run_id, key)] == [0, 1], key  # each epoch once
+    nodes = stage.data.tags["ray.node_ids"].split(",")  # the resumed worker group's nodes
+    assert removed not in nodes and set(nodes) == {cluster.node_ids[0], added}
+    assert learned(stage.data.metrics) == pytest.approx(learned(one_node_run.data.metrics), rel=1e-5, abs=1e-6)
+    print(f"\nnode lost: recovery {recovery_seconds(cfg, stage.info.run_id, removed_at):.1f} s (kill -> training again)")
 
 
 def test_bad_configs_and_oversized_projects_are_refused_before_any_network(demo_root, tmp_path, capsys, monkeypatch):

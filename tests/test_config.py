@@ -149,3 +149,14 @@ def test_flatten_gives_mlflow_params():
     assert flat["stages.um.forget.estimate"] == "estimate"
     assert flat["ray.num_workers"] == 2
     assert flat["stages.umap.mask.mask_ratio"] == 0.2 and flat["model.kwargs"] == {}  # an empty section stays a value
+
+
+def test_a_changed_config_is_named_key_by_key_and_placement_keys_may_change():
+    then = config.to_dict(load_demo())
+    now = config.flatten(config.to_dict(load_demo("stages.um.lr=0.5", "ray.address=ray://head:10001")))
+    for saved in (config.flatten(then), then):  # flat as state files keep it, or nested as older sweep.json did
+        with pytest.raises(config.ConfigError, match=r"pipeline 'demo' was started with another config "
+                                                     r"\(differs in: stages.um.lr\); rerun with --restart"):
+            config.check_unchanged("pipeline", "demo", now, saved)
+    config.check_unchanged("pipeline", "demo", config.flatten(config.to_dict(load_demo("ray.address=ray://head:10001"))),
+                           then)

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -24,6 +23,7 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_raw
+from drills import after_first_checkpoint, recovery_seconds
 from mlflow.tracking import MlflowClient
 from servers import LOOPBACK_RAY
 
@@ -64,23 +64,6 @@ def assert_same_as_reference(cfg: config.Config, reference: config.Config) -> st
     parent = PipelineState.load(pipeline.state_path(cfg)).parent_run_id
     assert {client.get_run(r).info.status for r in (run_id, parent)} == {"FINISHED"}
     return run_id
-
-
-def recovery_seconds(cfg: config.Config, run_id: str, killed_at: float) -> float:
-    resumed = MlflowClient(cfg.mlflow.tracking_uri).get_metric_history(run_id, RESUMED)
-    assert [m.value for m in resumed] == [1]  # resumed once, after epoch 1: not from scratch
-    return resumed[0].timestamp / 1000 - killed_at
-
-
-def after_first_checkpoint(cfg: config.Config, timeout_s: float = 300) -> float:
-    """Block until epoch 1's metrics are in MLflow (they are logged after its checkpoint); the time then."""
-    client, deadline = MlflowClient(cfg.mlflow.tracking_uri), time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        record = PipelineState.load(pipeline.state_path(cfg)).stages.get("train")
-        if record is not None and client.get_metric_history(record.run_id, "train/loss"):
-            return time.time()
-        time.sleep(0.2)
-    raise TimeoutError("the first epoch never reached MLflow")
 
 
 @pytest.fixture(scope="module")

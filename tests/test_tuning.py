@@ -1,10 +1,10 @@
 """Ray Tune sweeps: space conversion and checks, the objective, trial concurrency, and two real tiny sweeps.
 
-The real sweeps run once per module, each as `oodlab tune` in a subprocess interrupted (SIGINT, as Ctrl-C)
-after its first trial ends, then resumed in this process; 2 workers x 0.5 CPU on the 2-CPU test cluster:
-random search (4 trials: 2 grid values x 2 samples, ASHA, 2 epochs) and Optuna TPE (3 trials, ASHA, 1-2
-epochs on one schedule). The tests read what they left behind in Ray Tune's experiment folders and the
-sqlite MLflow stores.
+The real sweeps run once per module, each as `oodlab tune` in a subprocess interrupted after its first trial
+ends (the random one by SIGKILL, the Optuna one by SIGINT, as Ctrl-C), then resumed in this process; 2 workers
+x 0.5 CPU on the 2-CPU test cluster: random search (4 trials: 2 grid values x 2 samples, ASHA, 2 epochs) and
+Optuna TPE (3 trials, ASHA, 1-2 epochs on one schedule). The tests read what they left behind in Ray Tune's
+experiment folders and the sqlite MLflow stores.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from oodlab import cli, config
 from oodlab.config import ConfigError
+from oodlab.distributed.worker import RESUMED
 from oodlab.datapipes.benchmarks import get_benchmark
 from oodlab.tuning import objective, resources, space, summary
 
@@ -268,15 +269,20 @@ def test_a_rerun_with_another_config_is_refused_and_restart_moves_the_old_sweep_
 
 
 # -- the real sweeps ---------------------------------------------------------------------------------------
-def interrupted_then_resumed(ray_cluster, tmp: Path, raw: dict) -> SimpleNamespace:
-    """`oodlab tune` interrupted by SIGINT after its first trial ended, then resumed here; wall times kept.
+def interrupted_then_resumed(ray_cluster, tmp: Path, raw: dict, sig: signal.Signals) -> SimpleNamespace:
+    """`oodlab tune` interrupted by `sig` after its first trial ended, then resumed here; wall times kept.
 
+    SIGINT is a user's Ctrl-C. SIGKILL is the driver's machine lost: it comes once Tune's experiment state has
+    been saved after that trial ended (Tune saves it every 10 s or more) and the next trial has checkpointed an
+    epoch of its stage, so the rerun must continue both the sweep and that stage.
     Tune's experiment folder as the interrupt left it is copied to `interrupted`, to compare with the end.
     """
     from oodlab.tuning import sweep
 
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    cfg = config.load(path)
+    experiment = sweep.sweep_folder(cfg) / "tune"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "oodlab.cli", "tune", str(path)], cwd=tmp, env=env, text=True,
@@ -287,32 +293,52 @@ def interrupted_then_resumed(ray_cluster, tmp: Path, raw: dict) -> SimpleNamespa
         found = re.search(r"\[sweep\] (\S+) (finished|stopped early)", line)
         if found and interrupted_at is None:
             ended_before.append(found.group(1))
+            if sig == signal.SIGKILL:
+                saved_after(experiment, time.time())
+                running_stage_checkpointed(cfg.mlflow.tracking_uri)
             interrupted_at = time.time()
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
     first_rc = proc.wait(timeout=120)
     first_seconds = time.monotonic() - start
-    cfg = config.load(path)
-    experiment = sweep.sweep_folder(cfg) / "tune"
     shutil.copytree(experiment, tmp / "interrupted")
     start = time.monotonic()
     result = sweep.run(cfg)
     resumed_seconds = time.monotonic() - start
     start = time.monotonic()
     again = sweep.run(cfg)
-    print(f"\n{cfg.search.searcher} sweep: {first_seconds:.0f} s until interrupted + {resumed_seconds:.0f} s "
+    print(f"\n{cfg.search.searcher} sweep: {first_seconds:.0f} s until {sig.name} + {resumed_seconds:.0f} s "
           f"resumed; rerun of the finished sweep {time.monotonic() - start:.0f} s\n"
           + summary.text(result, cfg, path, []), flush=True)
-    return SimpleNamespace(cfg=cfg, path=path, first_rc=first_rc, first_output="".join(lines), ended_before=ended_before,
-                           interrupted_at=interrupted_at, result=result, again=again,
+    return SimpleNamespace(cfg=cfg, path=path, signal=sig, first_rc=first_rc, first_output="".join(lines),
+                           ended_before=ended_before, interrupted_at=interrupted_at, result=result, again=again,
                            client=MlflowClient(cfg.mlflow.tracking_uri), experiment=experiment,
                            interrupted=tmp / "interrupted")
 
 
+def running_stage_checkpointed(tracking_uri: str, timeout_s: float = 300) -> None:
+    """Block until a running stage has logged an epoch (its metrics come after its checkpoint)."""
+    client, deadline = MlflowClient(tracking_uri), time.monotonic() + timeout_s
+    running = "attributes.status = 'RUNNING' and tags.`oodlab.stage` = 'train'"
+    while not any(client.get_metric_history(run.info.run_id, "train/loss")
+                  for run in client.search_runs([client.get_experiment_by_name("test").experiment_id], running)):
+        assert time.monotonic() < deadline, f"no running stage logged an epoch within {timeout_s} s"
+        time.sleep(0.2)
+
+
+def saved_after(experiment: Path, moment: float, timeout_s: float = 120) -> None:
+    """Block until Tune's experiment state in `experiment` was written after `moment` (and a second more)."""
+    deadline = time.monotonic() + timeout_s
+    while max((p.stat().st_mtime for p in experiment.glob("experiment_state-*.json")), default=0) <= moment:
+        assert time.monotonic() < deadline, f"Tune saved no experiment state in {experiment} for {timeout_s} s"
+        time.sleep(0.2)
+    time.sleep(1)  # the searcher's state is written beside it
+
+
 @pytest.fixture(scope="module")
 def tiny_sweep(ray_cluster, demo_root, tmp_path_factory):
-    """Random search with ASHA: 2 grid values x 2 samples of the learning rate, 2 epochs."""
+    """Random search with ASHA: 2 grid values x 2 samples of the learning rate, 2 epochs; its driver SIGKILLed."""
     tmp = tmp_path_factory.mktemp("sweep")
-    return interrupted_then_resumed(ray_cluster, tmp, base_raw(tmp, demo_root))
+    return interrupted_then_resumed(ray_cluster, tmp, base_raw(tmp, demo_root), signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +349,7 @@ def optuna_sweep(ray_cluster, demo_root, tmp_path_factory):
                         "stages.train.epochs": {"dist": "randint", "low": 1, "high": 2}},
               "num_samples": 3, "searcher": "optuna", "scheduler": "asha", "cpus_per_trial_worker": 0.5}
     stages = {"train": {"epochs": 2, "schedule_epochs": 4, "lr": 0.05}}
-    return interrupted_then_resumed(ray_cluster, tmp, base_raw(tmp, demo_root, search, stages))
+    return interrupted_then_resumed(ray_cluster, tmp, base_raw(tmp, demo_root, search, stages), signal.SIGINT)
 
 
 def stage_run(client: MlflowClient, trial_id: str) -> Run:
@@ -381,8 +407,11 @@ def test_tiny_sweep_leaves_a_parent_run_with_four_trial_runs(tiny_sweep):
 @pytest.mark.parametrize("which", ["tiny_sweep", "optuna_sweep"])
 def test_interrupted_sweep_resumes_without_rerunning_ended_trials(request, which):
     swept = request.getfixturevalue(which)
-    assert swept.first_rc == 130, swept.first_output[-3000:]
-    assert "Interrupted: rerun the same command to resume" in swept.first_output
+    if swept.signal == signal.SIGINT:
+        assert swept.first_rc == 130, swept.first_output[-3000:]
+        assert "Interrupted: rerun the same command to resume" in swept.first_output
+    else:
+        assert swept.first_rc == -signal.SIGKILL
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(str(swept.experiment))
@@ -392,6 +421,16 @@ def test_interrupted_sweep_resumes_without_rerunning_ended_trials(request, which
     assert history[ended]["timestamp"].max() <= swept.interrupted_at
     assert history[ended]["training_iteration"].tolist() == list(range(1, len(history[ended]) + 1))
     assert len(history) == swept.result.expected == swept.result.ended
+    # A trial cut mid-stage continued its stage from its last checkpoint, in the same MLflow run; none is left open.
+    experiment = swept.client.get_experiment_by_name("test").experiment_id
+    assert swept.client.search_runs([experiment], "attributes.status = 'RUNNING'") == []
+    for row in swept.result.rows:
+        stage = stage_run(swept.client, row.trial_id).info.run_id
+        before = [m.step for m in swept.client.get_metric_history(stage, "train/loss")
+                  if m.timestamp / 1000 <= swept.interrupted_at]
+        if row.trial_id != ended and before:
+            resumed = [m.value for m in swept.client.get_metric_history(stage, RESUMED)]
+            assert resumed == [max(before) + 1], (row.trial_id, before, resumed)
     # Rerunning a finished sweep restores it: same rows, same parent run, nothing new in MLflow.
     again = swept.again
     assert again.parent_run_id == swept.result.parent_run_id

@@ -118,9 +118,7 @@ def retire(cfg: Config, folder: Path) -> None:
     """--restart: move the old sweep aside (nothing is deleted) and close its MLflow run if still open."""
     old = folder / "sweep.json"
     if old.is_file():
-        run_id = json.loads(old.read_text())["parent_run_id"]
-        if tracking.client(cfg.mlflow.tracking_uri).get_run(run_id).info.status == "RUNNING":
-            tracking.end_run(cfg.mlflow.tracking_uri, run_id, "KILLED")
+        tracking.kill_open_runs(cfg.mlflow.tracking_uri, [json.loads(old.read_text())["parent_run_id"]])
     aside = folder.with_name(f"sweep.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
     shutil.move(folder, aside)
     say(f"[sweep] --restart: the previous sweep moved to {aside}")
