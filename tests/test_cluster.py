@@ -179,7 +179,10 @@ def test_a_worker_node_lost_mid_stage_and_one_added_back_resumes_exactly(one_nod
     submitted = oodlab("submit", str(path), "--address", cluster.address, cwd=tmp_path, env=cluster.env)
     assert submitted.returncode == 0, submitted.stdout[-3000:]
     job_id = submitted_id(submitted.stdout)
-    removed_at = after_first_checkpoint(cfg)
+    try:
+        removed_at = after_first_checkpoint(cfg, timeout_s=600)
+    except TimeoutError:
+        pytest.fail(f"job {job_id} is {cluster.job(job_id)['status']}, no epoch logged:\n{cluster.job(job_id, 'logs')[-5000:]}")
     removed = cluster.nodes.remove_node()
     added = cluster.nodes.add_node()
     deadline = time.monotonic() + 600
