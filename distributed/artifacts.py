@@ -104,7 +104,7 @@ def record_stage(log: RunLogger, config: dict, stage: str, checkpoint_dir: str |
             model = create_model(m.name, bench.num_classes, pretrained=False, **m.kwargs).eval()
             model.load_state_dict(checkpoint.load(checkpoint.model_file(checkpoint_dir)))
             example = np.zeros((1, 3, bench.image_size, bench.image_size), np.float32)
-            epoch = checkpoint.read_meta(Path(checkpoint_dir))["epoch"]
+            epoch = checkpoint.read_meta(checkpoint_dir)["epoch"]
             tracking.log_model(model, f"{cfg.name}-{stage}", epoch, example)
 
 

@@ -4,11 +4,12 @@ A checkpoint directory holds:
   model.pt        dense state_dict (masks baked in: W * M) that `timm.create_model(...).load_state_dict` takes
   train_state.pt  what resuming this stage needs: full model state (mask scores too), optimizer, scheduler
   meta.json       stage, epoch, metrics
-Ray Train copies the directory into its run storage; `ray.train.get_checkpoint()` hands it back on resume.
+Ray Train copies the directory into its run storage (a local folder or a URI: oodlab.storage reads both).
 """
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 
 from oodlab.atomic import atomic_path, write_text
 from oodlab.config import Config
+from oodlab.storage import StoragePath, location
 
 MODEL = "model.pt"
 TRAIN_STATE = "train_state.pt"
@@ -35,33 +37,34 @@ def save(directory: Path, model_state: dict[str, torch.Tensor] | None, meta: dic
     return directory
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """Load a .pt file safely (weights_only=True: tensors and plain containers, no pickled code)."""
-    path = Path(path)
+def load(path: str | StoragePath) -> dict[str, Any]:
+    """Load a .pt file, local or under a URI, safely (weights_only=True: tensors and plain containers, no code)."""
+    path = location(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    source = path if isinstance(path, Path) else io.BytesIO(path.read_bytes())
+    return torch.load(source, map_location="cpu", weights_only=True)
 
 
-def model_file(path: str | Path) -> Path:
-    """A checkpoint given as a directory or as its model.pt -> the model.pt path (must exist)."""
-    path = Path(path)
+def model_file(path: str | StoragePath) -> StoragePath:
+    """A checkpoint given as a directory or as its model.pt (local or under a URI) -> the model.pt (must exist)."""
+    path = location(path)
     found = path / MODEL if path.is_dir() else path
     if not found.is_file():
         raise FileNotFoundError(f"checkpoint {found} does not exist; a missing checkpoint is an error, never a random init")
     return found
 
 
-def read_meta(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / META).read_text())
+def read_meta(directory: str | StoragePath) -> dict[str, Any]:
+    return json.loads((location(directory) / META).read_text())
 
 
-def ray_run_dir(cfg: Config, stage: str) -> Path:
+def ray_run_dir(cfg: Config, stage: str) -> StoragePath:
     """Where Ray Train keeps a stage's checkpoints and run state: `<ray.storage_path>/<name>.<stage>`."""
     return cfg.ray.storage_path / f"{cfg.name}.{stage}"
 
 
-def stage_error_file(cfg: Config, stage: str) -> Path:
+def stage_error_file(cfg: Config, stage: str) -> StoragePath:
     """Where rank 0 leaves the error that stopped a stage for good (launch.fit raises it on the driver)."""
     return ray_run_dir(cfg, stage) / "stage_error.txt"
 
@@ -70,12 +73,12 @@ def dir_name(stage: str, epoch: int) -> str:
     return f"{stage}_epoch_{epoch:04d}"
 
 
-def newest_first(cfg: Config, stage: str) -> list[Path]:
+def newest_first(cfg: Config, stage: str) -> list[StoragePath]:
     """The stage's checkpoint folders in its Ray run folder, the newest first."""
     return sorted(ray_run_dir(cfg, stage).glob(f"{stage}_epoch_*"), reverse=True)
 
 
-def newest_dir(cfg: Config, stage: str) -> Path | None:
+def newest_dir(cfg: Config, stage: str) -> StoragePath | None:
     """The stage's newest checkpoint folder with its meta.json, or None: after Ray Train's fit returns, the stage's
     final checkpoint, whether or not Ray registered it (see newest_training_state)."""
     return next((p for p in newest_first(cfg, stage) if (p / META).is_file()), None)

@@ -15,6 +15,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from oodlab.config import Config, RayConfig
 from oodlab.errors import StageFailed
+from oodlab.storage import storage_env
 from oodlab.distributed import checkpoint
 from oodlab.distributed.tracking import tracking_env
 from oodlab.distributed.worker import Job, train_loop_per_worker
@@ -31,13 +32,14 @@ class StageResult:
 def ensure_ray(cfg: RayConfig) -> None:
     """Connect to the configured cluster, or start a local Ray instance sized to this machine.
 
-    Every Ray worker gets this environment's MLflow address and credentials through the runtime_env (a
-    submitted job's runtime_env carries them already, and Ray refuses the same variable twice).
+    Every Ray worker gets this environment's MLflow address and credentials, and those of the run storage,
+    through the runtime_env (a submitted job's runtime_env carries them already, and Ray refuses the same
+    variable twice).
     """
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    env = {} if SUBMITTED_JOB_ENV in os.environ else tracking_env()
+    env = {} if SUBMITTED_JOB_ENV in os.environ else tracking_env() | storage_env()
     check_address(cfg.address)
     local = loopback_only() if cfg.address is None and "RAY_ADDRESS" not in os.environ else {}
     ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True,

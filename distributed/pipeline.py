@@ -9,16 +9,14 @@ parent also gets each stage's headline numbers and, at the end, `report.html` co
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from oodlab import console
+from oodlab import console, storage
 from oodlab.atomic import write_text
 from oodlab.config import Config, ConfigError, TrainStage, check_unchanged, flatten, to_dict
 from oodlab.datapipes.benchmarks import Benchmark, for_config
@@ -28,6 +26,7 @@ from oodlab.distributed.launch import StageResult, check_address, check_resource
 from oodlab.distributed.stages import TrainMethod
 from oodlab.distributed.worker import Job
 from oodlab.models import create_model
+from oodlab.storage import StoragePath
 
 
 @dataclass
@@ -40,13 +39,13 @@ class StageRecord:
 
 @dataclass
 class PipelineState:
-    path: Path
+    path: StoragePath
     parent_run_id: str | None = None
     stages: dict[str, StageRecord] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # flattened, credentials redacted
 
     @classmethod
-    def load(cls, path: Path) -> PipelineState:
+    def load(cls, path: StoragePath) -> PipelineState:
         if not path.is_file():
             return cls(path)
         raw = json.loads(path.read_text())
@@ -59,7 +58,7 @@ class PipelineState:
         write_text(self.path, json.dumps(raw, indent=1))
 
 
-def state_path(cfg: Config) -> Path:
+def state_path(cfg: Config) -> StoragePath:
     return cfg.ray.storage_path / cfg.name / "pipeline.json"
 
 
@@ -93,6 +92,8 @@ def check_inits(cfg: Config, bench: Benchmark) -> None:
     for name, init in files.items():
         try:
             found = {k: tuple(v.shape) for k, v in checkpoint.load(checkpoint.model_file(init)).items()}
+        except FileNotFoundError as err:
+            raise ConfigError(f"stages.{name}.init: {err}") from None
         except Exception as err:  # torch.load raises many kinds of error on a file that is no weights-only state dict
             raise ConfigError(f"stages.{name}.init: {init} is not a checkpoint of weights ({type(err).__name__}); name "
                               "a model.pt that oodlab or torch.save(model.state_dict()) wrote") from None
@@ -116,7 +117,7 @@ def retire(cfg: Config) -> None:
     aside = cfg.ray.storage_path / cfg.name / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
     aside.mkdir(parents=True)
     for path in moving:
-        shutil.move(path, aside / path.name)
+        storage.move(path, aside / path.name)
     console.say(f"--restart: the previous run's state and checkpoints moved to {aside}")
 
 

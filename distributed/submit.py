@@ -12,7 +12,8 @@ are resolved on the cluster, where they must exist. A benchmark YAML inside the 
 
 Tracking: the config's mlflow.tracking_uri, else this environment's MLFLOW_TRACKING_URI (a job never falls back
 to a sqlite file in its temporary folder). MLFLOW_TRACKING_URI / _USERNAME / _PASSWORD / _TOKEN from this
-environment travel as runtime_env env_vars (the dashboard masks them for browsers) and are never printed.
+environment travel as runtime_env env_vars (the dashboard masks them for browsers) and are never printed; so do
+the run storage's endpoint and credentials (AWS_*, GOOGLE_*, AZURE_*: see oodlab.storage).
 Ray's token auth: with RAY_AUTH_MODE=token, Ray's client itself sends RAY_AUTH_TOKEN (or the file named by
 RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token); oodlab never reads or prints it.
 """
@@ -40,6 +41,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from oodlab import config
 from oodlab.datapipes.benchmarks import get_benchmark, is_yaml_ref
 from oodlab.distributed.tracking import redact, tracking_env
+from oodlab.storage import storage_env
 
 JOB_CONFIG = "oodlab-job.yaml"
 EXCLUDES = ["/.git", "/.venv", "/.oodlab", "/data", "/mlruns", "/mlflow.db", "*.beton", "__pycache__"]
@@ -69,7 +71,7 @@ class Package:
     """A job, checked and packed, ready to send."""
 
     entrypoint: str
-    env: dict[str, str]  # runtime_env env_vars: MLflow address and credentials
+    env: dict[str, str]  # runtime_env env_vars: MLflow and storage addresses and credentials
     zip_path: Path
     name: str  # the config's name, for the job id
 
@@ -111,7 +113,8 @@ def benchmark_for_job(path: Path) -> str:
 def package(job: JobConfig, command: str, into: Path) -> Package:
     """The project and the config packed in `into`, to run `oodlab <command>` (train or tune) on the cluster."""
     zip_path = pack(project_root(), {JOB_CONFIG: yaml.safe_dump(job.raw, sort_keys=False)}, into)
-    return Package(f"python -m oodlab.cli {command} {JOB_CONFIG}", tracking_env(), zip_path, job.cfg.name)
+    return Package(f"python -m oodlab.cli {command} {JOB_CONFIG}", tracking_env() | storage_env(), zip_path,
+                   job.cfg.name)
 
 
 def check_cluster_paths(cfg: config.Config, raw: dict[str, Any]) -> str:

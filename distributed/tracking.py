@@ -38,6 +38,7 @@ from mlflow.tracking import MlflowClient
 
 from oodlab.config import Config, flatten, to_dict
 from oodlab.datapipes.benchmarks import Benchmark
+from oodlab.storage import local_root
 from oodlab.distributed.tracking_buffer import (Buffer, ReplayError, buffered_runs, op_name, replayable, resolve,
                                                unreachable)
 
@@ -52,7 +53,7 @@ MAX_PARAM_LENGTH = 6000  # MLflow 3 limit for a param value
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3: a model-training experiment
 VIEW_KEY = "oodlab"  # the shared runs view (experiment tag mlflow.sharedViewState.<key>) that `oodlab ui` opens
 SYSTEM_METRICS_INTERVAL_S = 5.0
-BUFFER_FOLDER = "mlflow-buffer"  # under <ray.storage_path>/<config name>/
+BUFFER_FOLDER = "mlflow-buffer"  # under <ray.storage_path>/<config name>/ (a local mirror for URI storage)
 
 log = logging.getLogger("oodlab")
 
@@ -251,13 +252,13 @@ def system_metrics(tracking_uri: str, run_id: str, node_id: str) -> Iterator[Non
 
 
 def buffer_folder(cfg: Config) -> Path:
-    """Where a config's RunLoggers keep what the server did not take."""
-    return cfg.ray.storage_path / cfg.name / BUFFER_FOLDER
+    """Where a config's RunLoggers keep what the server did not take: always on this machine's disk."""
+    return local_root(cfg.ray.storage_path) / cfg.name / BUFFER_FOLDER
 
 
 def buffer_folders(cfg: Config) -> list[Path]:
     """The config's buffer folder and those of its sweep's trials (named `<name>.<trial id>`)."""
-    trials = sorted(cfg.ray.storage_path.glob(f"{glob.escape(cfg.name)}.*/{BUFFER_FOLDER}"))
+    trials = sorted(local_root(cfg.ray.storage_path).glob(f"{glob.escape(cfg.name)}.*/{BUFFER_FOLDER}"))
     return [buffer_folder(cfg), *trials]
 
 

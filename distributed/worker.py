@@ -123,7 +123,7 @@ class Worker:
         m = self.cfg.model
         net = FeatureNet(create_model(m.name, self.bench.num_classes, m.pretrained, **m.kwargs))
         if self.job.init is not None:
-            net.model.load_state_dict(checkpoint.load(Path(self.job.init)))
+            net.model.load_state_dict(checkpoint.load(self.job.init))
         return net
 
     def place(self, net: FeatureNet) -> FeatureNet:

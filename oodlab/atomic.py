@@ -3,6 +3,7 @@
 The file is fsynced before the rename and its folder after it, so after a crash or power loss a reader
 finds the old file or the complete new one, never a partial or empty one. Temp files of writers that
 died (`.<name>.partial-<pid>` whose process is gone) are removed when the next write of that file starts.
+`write_text` also takes a path under a URI (oodlab.storage), where an upload is all-or-nothing by itself.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from oodlab.storage import RemotePath, StoragePath, location
 
 PARTIAL = ".partial-"
 
@@ -32,10 +35,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_text(path: str | Path, text: str) -> Path:
+def write_text(path: str | StoragePath, text: str) -> StoragePath:
+    """Write a local file atomically; a file under a URI is one object upload, which appears whole."""
+    path = location(path)
+    if isinstance(path, RemotePath):
+        path.write_text(text)
+        return path
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-    return Path(path)
+    return path
 
 
 def remove_stale_partials(path: Path) -> list[Path]:

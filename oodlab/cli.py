@@ -18,6 +18,7 @@ from pathlib import Path
 from oodlab import config as config_mod
 from oodlab.errors import StageFailed
 from oodlab.report import markdown
+from oodlab.storage import local_root
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="score a checkpoint with every post-hoc score and print the table")
     ev.add_argument("config", type=Path)
-    ev.add_argument("--checkpoint", required=True, help="a checkpoint directory or its model.pt")
+    ev.add_argument("--checkpoint", required=True, help="a checkpoint directory or its model.pt (a path or s3://... URI)")
     ev.add_argument("--scores", help="comma-separated scores (default: eval.final_scores)")
     ev.add_argument("overrides", nargs="*")
     ev.set_defaults(func=cmd_eval)
@@ -103,7 +104,7 @@ def ray_output(args: argparse.Namespace, cfg: config_mod.Config, command: str) -
     from oodlab import console
 
     started_here = not ray.is_initialized()
-    log = cfg.ray.storage_path / cfg.name / "logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log = local_root(cfg.ray.storage_path) / cfg.name / "logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     if not args.verbose:
         print(f"Ray's output goes to {log}  (--verbose shows it here)", flush=True)
     with contextlib.nullcontext() if args.verbose else console.output_to(log):
@@ -169,13 +170,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config, args.overrides)
-    from oodlab.distributed import pipeline
     from oodlab.tuning import summary, sweep
 
-    sweep.check(cfg)  # config errors first, then the data and the servers: all before any log file or Ray
-    pipeline.preflight(cfg, args.restart)
+    base = sweep.preflight(cfg, args.restart)  # bad input fails here: before any log file or Ray
     with ray_output(args, cfg, "tune"):
-        result = sweep.run(cfg, restart=args.restart)
+        result = sweep.run(cfg, restart=args.restart, base=base)
     print(summary.text(result, cfg, args.config, args.overrides))
     return 130 if result.interrupted else 0
 

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, field_validator,
+                      model_validator)
 
 from oodlab.models import check_model_name
 from oodlab.scores import available_scores
+from oodlab.storage import StoragePath, is_uri, location
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -179,7 +181,10 @@ class RayConfig(Section):
     cpus_per_worker: PositiveFloat = 1.0
     use_gpu: bool = False  # NCCL + one GPU per worker (gloo on CPU)
     amp: bool = False  # bf16 autocast on GPU
-    storage_path: Path = Path(".oodlab/runs")  # checkpoints and Ray's run state (shared storage on a cluster)
+    # checkpoints, pipeline and sweep state, Ray's run state: a local folder (shared storage on a cluster) or a
+    # URI pyarrow opens (s3://bucket/path, gs://...; endpoint and credentials from the environment)
+    storage_path: Annotated[StoragePath, PlainValidator(location), PlainSerializer(str, return_type=str)] = \
+        Path(".oodlab/runs")
     # worker-group restarts from the last checkpoint after a worker error. 1 survives one crash (a worker killed
     # by the OOM killer or a signal) while a bug costs one retry; node preemptions are retried without limit by
     # Ray (FailureConfig.max_preemption_failures), and a NaN loss is never retried
@@ -342,6 +347,9 @@ def _check_init(name: str, init: str | None, earlier: dict[str, str]) -> None:
         return
     if init in earlier:
         raise ValueError(f"stages.{name}.init: '{init}' is an {earlier[init]} stage; name a train stage or a checkpoint file")
+    if is_uri(init):  # read, and so checked, with the storage's credentials before the run (pipeline.preflight)
+        location(init)
+        return
     if not Path(init).expanduser().exists():  # a checkpoint file, or a checkpoint directory holding model.pt
         trains = [n for n, k in earlier.items() if k == "train"]
         raise ValueError(
@@ -392,12 +400,13 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     cfg.data.root = (base / cfg.data.root).expanduser().resolve()
     if cfg.data.benchmark.endswith((".yaml", ".yml")):
         cfg.data.benchmark = str((base / cfg.data.benchmark).expanduser().resolve())
-    cfg.ray.storage_path = (base / cfg.ray.storage_path).expanduser().resolve()
+    if isinstance(cfg.ray.storage_path, Path):
+        cfg.ray.storage_path = (base / cfg.ray.storage_path).expanduser().resolve()
     uri = cfg.mlflow.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         cfg.mlflow.tracking_uri = "sqlite:///" + str((base / uri.removeprefix("sqlite:///")).resolve())
     for stage in cfg.stages.values():
-        if stage.init and stage.init not in cfg.stages:
+        if stage.init and stage.init not in cfg.stages and not is_uri(stage.init):
             stage.init = str(Path(stage.init).expanduser().resolve())
     return cfg
 

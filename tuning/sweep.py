@@ -15,7 +15,6 @@ Everything lives under `<ray.storage_path>/<name>/sweep/`:
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,15 +27,16 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm
 from ray.tune.search.optuna import OptunaSearch
 
+from oodlab import storage
 from oodlab.atomic import write_text
 from oodlab.console import say
 from oodlab.config import Config, ConfigError, check_unchanged, flatten, to_dict
-from oodlab.datapipes.benchmarks import for_config
 from oodlab.distributed import pipeline, tracking
 from oodlab.distributed.artifacts import log_report
 from oodlab.distributed.launch import ensure_ray
 from oodlab.plots import png_bytes
 from oodlab.report import html_images, html_table
+from oodlab.storage import StoragePath
 from oodlab.tuning import summary
 from oodlab.tuning.callbacks import StatusLine, TrialCleanup, close_trial
 from oodlab.tuning.objective import check_objective, tuned_stage
@@ -53,7 +53,7 @@ class SweepState:
     config: dict[str, Any]
 
 
-def sweep_folder(cfg: Config) -> Path:
+def sweep_folder(cfg: Config) -> StoragePath:
     return cfg.ray.storage_path / cfg.name / "sweep"
 
 
@@ -64,10 +64,12 @@ def trial_base(cfg: Config) -> dict[str, Any]:
     return raw
 
 
-def run(cfg: Config, restart: bool = False) -> summary.SweepResult:
-    """Run (or resume) the sweep; return every trial's row and the best trial with its final metrics."""
-    base = check(cfg)
-    for_config(cfg)
+def run(cfg: Config, restart: bool = False, base: dict[str, Any] | None = None) -> summary.SweepResult:
+    """Run (or resume) the sweep; return every trial's row and the best trial with its final metrics.
+
+    `base` is what the caller's `preflight` returned (else the checks run here).
+    """
+    base = base or preflight(cfg, restart)
     resumed = previous_state(cfg, restart)
     ensure_ray(cfg.ray)
     concurrency = max_concurrent_trials(ray.cluster_resources(), cfg)
@@ -83,6 +85,14 @@ def check(cfg: Config) -> dict[str, Any]:
     base = trial_base(cfg)
     check_space(cfg, base)
     check_objective(cfg)
+    return base
+
+
+def preflight(cfg: Config, restart: bool = False) -> dict[str, Any]:
+    """Every check of `oodlab tune` before a log file or Ray: the sweep's config first, then the benchmark, the
+    checkpoints and the servers (`pipeline.preflight`); the trials' base."""
+    base = check(cfg)
+    pipeline.preflight(cfg, restart)
     return base
 
 
@@ -114,13 +124,13 @@ def new_state(cfg: Config, concurrency: int) -> SweepState:
     return state
 
 
-def retire(cfg: Config, folder: Path) -> None:
+def retire(cfg: Config, folder: StoragePath) -> None:
     """--restart: move the old sweep aside (nothing is deleted) and close its MLflow run if still open."""
     old = folder / "sweep.json"
     if old.is_file():
         tracking.kill_open_runs(cfg.mlflow.tracking_uri, [json.loads(old.read_text())["parent_run_id"]])
     aside = folder.with_name(f"sweep.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    shutil.move(folder, aside)
+    storage.move(folder, aside)
     say(f"[sweep] --restart: the previous sweep moved to {aside}")
 
 

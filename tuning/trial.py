@@ -15,7 +15,6 @@ what a stopped trial left (`release_placement_groups`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -23,11 +22,13 @@ import ray.train
 from ray import tune
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
+from oodlab.atomic import write_text
 from oodlab.config import Config
 from oodlab.distributed import pipeline
 from oodlab.distributed.launch import StageResult, fit
 from oodlab.distributed.worker import Job, train_loop_per_worker
 from oodlab.tuning.objective import ValidationReport, reference_accuracy, tuned_stage
+from oodlab.storage import StoragePath
 from oodlab.tuning.space import overrides, sampled_config
 
 PLACEMENT_GROUPS = "placement_groups.txt"
@@ -45,7 +46,7 @@ def trial_config(raw: dict[str, Any], params: dict[str, Any], trial_id: str) -> 
     return sampled_config({**raw, "name": f"{raw['name']}.{trial_id}"}, params)
 
 
-def trial_folder(cfg: Config) -> Path:
+def trial_folder(cfg: Config) -> StoragePath:
     return pipeline.state_path(cfg).parent
 
 
@@ -71,8 +72,9 @@ def noting_loop(job: dict[str, Any]) -> None:
     """The stage's worker loop, after rank 0 noted its worker group's placement group."""
     if ray.train.get_context().get_world_rank() == 0:
         cfg = Config.model_validate(job["config"])
-        with open(trial_folder(cfg) / PLACEMENT_GROUPS, "a") as notes:
-            notes.write(ray.util.get_current_placement_group().id.hex() + "\n")
+        notes = trial_folder(cfg) / PLACEMENT_GROUPS
+        noted = notes.read_text() if notes.is_file() else ""
+        write_text(notes, noted + ray.util.get_current_placement_group().id.hex() + "\n")
     train_loop_per_worker(job)
 
 
