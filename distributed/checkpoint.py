@@ -18,7 +18,7 @@ import torch
 
 from oodlab.atomic import atomic_path, write_text
 from oodlab.config import Config
-from oodlab.storage import StoragePath, location
+from oodlab.storage import StoragePath, location, remove
 
 MODEL = "model.pt"
 TRAIN_STATE = "train_state.pt"
@@ -59,14 +59,15 @@ def read_meta(directory: str | StoragePath) -> dict[str, Any]:
     return json.loads((location(directory) / META).read_text())
 
 
-def ray_run_dir(cfg: Config, stage: str) -> StoragePath:
-    """Where Ray Train keeps a stage's checkpoints and run state: `<ray.storage_path>/<name>.<stage>`."""
-    return cfg.ray.storage_path / f"{cfg.name}.{stage}"
+def run_dir(cfg: Config) -> StoragePath:
+    """Where Ray Train keeps a pipeline's checkpoints and run state: `<ray.storage_path>/<name>.stages`, one folder
+    for every stage (one Ray Train run for all of them; each checkpoint folder is named after its stage)."""
+    return cfg.ray.storage_path / f"{cfg.name}.stages"
 
 
 def stage_error_file(cfg: Config, stage: str) -> StoragePath:
-    """Where rank 0 leaves the error that stopped a stage for good (launch.fit raises it on the driver)."""
-    return ray_run_dir(cfg, stage) / "stage_error.txt"
+    """Where rank 0 leaves the error that stopped a stage for good (the driver raises it)."""
+    return run_dir(cfg) / f"{stage}.error.txt"
 
 
 def dir_name(stage: str, epoch: int) -> str:
@@ -74,18 +75,26 @@ def dir_name(stage: str, epoch: int) -> str:
 
 
 def newest_first(cfg: Config, stage: str) -> list[StoragePath]:
-    """The stage's checkpoint folders in its Ray run folder, the newest first."""
-    return sorted(ray_run_dir(cfg, stage).glob(f"{stage}_epoch_*"), reverse=True)
+    """The stage's checkpoint folders in the pipeline's Ray run folder, the newest first."""
+    return sorted(run_dir(cfg).glob(f"{stage}_epoch_*"), reverse=True)
+
+
+def prune(cfg: Config, stage: str) -> None:
+    """Delete the stage's checkpoints beyond the newest `checkpoint.keep_last` (Ray Train keeps every one: its own
+    count would span all the stages of the run and delete the checkpoints later stages start from)."""
+    keep = cfg.checkpoint.keep_last
+    for old in newest_first(cfg, stage)[keep:] if keep else []:
+        remove(old)
 
 
 def newest_dir(cfg: Config, stage: str) -> StoragePath | None:
-    """The stage's newest checkpoint folder with its meta.json, or None: after Ray Train's fit returns, the stage's
-    final checkpoint, whether or not Ray registered it (see newest_training_state)."""
+    """The stage's newest checkpoint folder with its meta.json, or None: once the stage ended, its final
+    checkpoint, whether or not Ray registered it (see newest_training_state)."""
     return next((p for p in newest_first(cfg, stage) if (p / META).is_file()), None)
 
 
 def newest_training_state(cfg: Config, stage: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(train_state, meta) of the stage's newest complete checkpoint in its Ray run folder, or None.
+    """(train_state, meta) of the stage's newest complete checkpoint in the Ray run folder, or None.
 
     Read from storage rather than from `ray.train.get_checkpoint()`: a checkpoint is complete once its files are
     there, but Ray Train registers it only when its controller next polls the workers, so after a worker dies

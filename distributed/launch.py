@@ -1,4 +1,8 @@
-"""One stage = one Ray Train run: config -> TorchTrainer(ScalingConfig, RunConfig) -> fit -> result."""
+"""Ray Train runs: config -> TorchTrainer(ScalingConfig, RunConfig) -> fit; a stage's result from its checkpoints.
+
+`oodlab train` runs all of a pipeline's stages in one Ray Train run (`session.py`); `fit` runs one stage as
+its own run (a sweep's trials, where only the tuned stage reports to Tune).
+"""
 
 from __future__ import annotations
 
@@ -88,21 +92,23 @@ def check_resources(cfg: RayConfig) -> None:
                              f"has {have.get(name, 0)} {name}; start nodes with --resources or change the field")
 
 
-def trainer(cfg: Config, job: Job, callbacks: list[Any] | None = None,
+def trainer(cfg: Config, loop_config: dict[str, Any], callbacks: list[Any] | None = None,
             loop: Callable[[dict[str, Any]], None] = train_loop_per_worker) -> TorchTrainer:
-    """`loop` wraps the worker loop where a caller must act on the workers first (tuning notes their placement group)."""
+    """`loop(loop_config)` on every worker. Ray Train keeps every checkpoint (`checkpoint.prune` applies
+    `checkpoint.keep_last` per stage); `loop` wraps the worker loop where a caller must act on the workers first
+    (tuning notes their placement group)."""
     r = cfg.ray
     return TorchTrainer(
         loop,
-        train_loop_config=job.to_dict(),
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {}),
                                                            **r.resources_per_worker}),
         run_config=RunConfig(
-            name=checkpoint.ray_run_dir(cfg, job.stage).name,
+            name=checkpoint.run_dir(cfg).name,
             storage_path=str(r.storage_path),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
             failure_config=FailureConfig(max_failures=r.max_failures),
             callbacks=callbacks,
         ),
@@ -111,18 +117,23 @@ def trainer(cfg: Config, job: Job, callbacks: list[Any] | None = None,
 
 def fit(cfg: Config, job: Job, callbacks: list[Any] | None = None,
         loop: Callable[[dict[str, Any]], None] = train_loop_per_worker) -> StageResult:
-    """Run one stage on the cluster (resuming from its own last checkpoint if it was interrupted)."""
+    """Run one stage as its own Ray Train run (resuming from its own last checkpoint if it was interrupted)."""
     ensure_ray(cfg.ray)
     check_resources(cfg.ray)
-    result = trainer(cfg, job, callbacks, loop).fit()
+    result = trainer(cfg, job.to_dict(), callbacks, loop).fit()
     if result.error is not None:
         raise result.error
-    error = checkpoint.stage_error_file(cfg, job.stage)
+    return stage_result(cfg, job.stage)
+
+
+def stage_result(cfg: Config, stage: str) -> StageResult:
+    """An ended stage's checkpoint and metrics; StageFailed if rank 0 left the error that stopped it."""
+    error = checkpoint.stage_error_file(cfg, stage)
     if error.is_file():
         message = error.read_text()
         error.unlink()
-        raise StageFailed(f"stage {job.stage}: {message}")
-    newest = checkpoint.newest_dir(cfg, job.stage)
+        raise StageFailed(f"stage {stage}: {message}")
+    newest = checkpoint.newest_dir(cfg, stage)
     if newest is None:
-        return StageResult(checkpoint=None, metrics=dict(result.metrics or {}))
+        return StageResult(checkpoint=None, metrics={})
     return StageResult(checkpoint=str(newest), metrics=checkpoint.read_meta(newest)["metrics"])

@@ -1,4 +1,4 @@
-"""Run a config's stages in order, each a Ray Train run starting from the previous stage's checkpoint.
+"""Run a config's stages in order, in one Ray Train run, each starting from an earlier stage's checkpoint.
 
 Progress lives in `<storage>/<name>/pipeline.json` (written atomically after every stage): rerunning
 the same config skips finished stages and resumes an interrupted one from its last checkpoint. In
@@ -20,13 +20,16 @@ from oodlab import console, storage
 from oodlab.atomic import write_text
 from oodlab.config import Config, ConfigError, TrainStage, check_unchanged, flatten, to_dict
 from oodlab.datapipes.benchmarks import Benchmark, for_config
-from oodlab.distributed import checkpoint, progress, tracking
+from oodlab.distributed import checkpoint, progress, session, tracking
 from oodlab.distributed.artifacts import finish_stage, log_report
-from oodlab.distributed.launch import StageResult, check_address, check_resources, ensure_ray, fit
+from oodlab.distributed.launch import StageResult, check_address, check_resources, ensure_ray
 from oodlab.distributed.stages import TrainMethod
 from oodlab.distributed.worker import Job
 from oodlab.models import create_model
 from oodlab.storage import StoragePath
+
+
+Launch = Callable[[Config, Job], StageResult]  # runs one stage as its own Ray Train run (launch.fit)
 
 
 @dataclass
@@ -111,7 +114,7 @@ def retire(cfg: Config) -> None:
     starts every stage anew, and end the earlier MLflow runs still open as KILLED."""
     old = PipelineState.load(state_path(cfg))
     tracking.kill_open_runs(cfg.mlflow.tracking_uri, [old.parent_run_id, *(r.run_id for r in old.stages.values())])
-    moving = [p for p in [state_path(cfg), *(checkpoint.ray_run_dir(cfg, s) for s in cfg.stages)] if p.exists()]
+    moving = [p for p in [state_path(cfg), checkpoint.run_dir(cfg)] if p.exists()]
     if not moving:
         return
     aside = cfg.ray.storage_path / cfg.name / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -121,12 +124,13 @@ def retire(cfg: Config) -> None:
     console.say(f"--restart: the previous run's state and checkpoints moved to {aside}")
 
 
-def run(cfg: Config, restart: bool = False, launch: Callable[[Config, Job], StageResult] = fit,
+def run(cfg: Config, restart: bool = False, launch: Launch | None = None,
         parent_run_id: str | None = None, tags: dict[str, str] | None = None,
         checked: Benchmark | None = None) -> PipelineState:
     """Run (or resume) every stage; return the final state with each stage's checkpoint and metrics.
 
-    `launch` runs one stage (a sweep passes one that reports to Tune); `parent_run_id` nests this
+    The stages run in one Ray Train run, or each through `launch` when given (a sweep passes one that reports
+    the tuned stage to Tune); `parent_run_id` nests this
     pipeline's MLflow run under another (a sweep's), `tags` are added to it; `checked` is the benchmark a
     caller's `preflight` returned (else run checks). Bad input fails before any MLflow run exists; a failure
     later ends the open runs as FAILED (KILLED on Ctrl-C), and a rerun continues them.
@@ -162,40 +166,57 @@ def run(cfg: Config, restart: bool = False, launch: Callable[[Config, Job], Stag
     return state
 
 
-def run_stages(cfg: Config, bench: Benchmark, state: PipelineState, launch: Callable[[Config, Job], StageResult],
+def run_stages(cfg: Config, bench: Benchmark, state: PipelineState, launch: Launch | None,
                open_runs: list[str]) -> None:
-    """Each stage not done yet, in order; `open_runs` lists the MLflow runs a failure must end."""
-    uri = cfg.mlflow.tracking_uri
-    groups = [*bench.groups, "all"]
-    tracking.share_runs_view(uri, cfg.mlflow.experiment, cfg.eval.select, groups)
-    for name, stage in cfg.stages.items():
+    """Each stage not done yet, in order: all in one Ray Train run (`session`), or each through `launch`.
+    `open_runs` lists the MLflow runs a failure must end."""
+    tracking.share_runs_view(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.eval.select, [*bench.groups, "all"])
+    todo = []
+    for name in cfg.stages:
         record = state.stages.get(name)
         if record is not None and record.done:
             console.say(f"[{name}] done earlier; skipping (checkpoint {record.checkpoint})")
-            continue
-        if record is None:
-            tags = {"oodlab.stage": name, "oodlab.kind": stage.kind, "oodlab.method": method_tag(cfg, name),
-                    "oodlab.pipeline": cfg.name, "oodlab.benchmark": bench.name}
-            record = StageRecord(tracking.start_run(uri, cfg.mlflow.experiment, f"{cfg.name}/{name}", tags,
-                                                    parent_run_id=state.parent_run_id))
-            state.stages[name] = record
-            state.save()
         else:
-            tracking.reopen_run(uri, record.run_id)
-        open_runs.append(record.run_id)
-        job = Job(config=to_dict(cfg), stage=name, init=resolve_init(cfg, state, name),
-                  threshold=resolve_threshold(cfg, state, name), run_id=record.run_id, launched_at=time.time())
-        stage_logger = tracking.RunLogger(uri, record.run_id, tracking.buffer_folder(cfg))
-        stage_logger.params({f"stage.{k}": v for k, v in flatten(stage.model_dump(mode="json")).items()}
-                            | {"stage.init_checkpoint": job.init, "stage.forget_threshold": job.threshold})
-        console.say(f"[{name}] starting ({stage.kind}, {method_tag(cfg, name)}) on {cfg.ray.num_workers} workers")
-        with progress.epoch_bar(cfg, name, record.run_id):
-            result = launch(cfg, job)
-        record.done, record.checkpoint, record.metrics = True, result.checkpoint, result.metrics
+            todo.append(name)
+
+    def drive(run_stage: Callable[[Job], StageResult]) -> None:
+        for name in todo:
+            run_one_stage(cfg, bench, state, name, run_stage, open_runs)
+
+    if launch is not None:
+        drive(lambda job: launch(cfg, job))
+    elif todo:
+        session.run(cfg, drive)
+
+
+def run_one_stage(cfg: Config, bench: Benchmark, state: PipelineState, name: str,
+                  run_stage: Callable[[Job], StageResult], open_runs: list[str]) -> None:
+    """Open (or reopen) the stage's MLflow run, run it, record its checkpoint and metrics, log what it left."""
+    uri, stage, groups = cfg.mlflow.tracking_uri, cfg.stages[name], [*bench.groups, "all"]
+    record = state.stages.get(name)
+    if record is None:
+        tags = {"oodlab.stage": name, "oodlab.kind": stage.kind, "oodlab.method": method_tag(cfg, name),
+                "oodlab.pipeline": cfg.name, "oodlab.benchmark": bench.name}
+        record = StageRecord(tracking.start_run(uri, cfg.mlflow.experiment, f"{cfg.name}/{name}", tags,
+                                                parent_run_id=state.parent_run_id))
+        state.stages[name] = record
         state.save()
-        console.say(progress.evaluation_line(name, result.metrics, cfg.eval.select, groups))
-        finish_stage(cfg, bench, name, record.run_id, result.checkpoint, result.metrics, state.parent_run_id)
-        open_runs.remove(record.run_id)
+    else:
+        tracking.reopen_run(uri, record.run_id)
+    open_runs.append(record.run_id)
+    job = Job(config=to_dict(cfg), stage=name, init=resolve_init(cfg, state, name),
+              threshold=resolve_threshold(cfg, state, name), run_id=record.run_id, launched_at=time.time())
+    stage_logger = tracking.RunLogger(uri, record.run_id, tracking.buffer_folder(cfg))
+    stage_logger.params({f"stage.{k}": v for k, v in flatten(stage.model_dump(mode="json")).items()}
+                        | {"stage.init_checkpoint": job.init, "stage.forget_threshold": job.threshold})
+    console.say(f"[{name}] starting ({stage.kind}, {method_tag(cfg, name)}) on {cfg.ray.num_workers} workers")
+    with progress.epoch_bar(cfg, name, record.run_id):
+        result = run_stage(job)
+    record.done, record.checkpoint, record.metrics = True, result.checkpoint, result.metrics
+    state.save()
+    console.say(progress.evaluation_line(name, result.metrics, cfg.eval.select, groups))
+    finish_stage(cfg, bench, name, record.run_id, result.checkpoint, result.metrics, state.parent_run_id)
+    open_runs.remove(record.run_id)
 
 
 def resolve_init(cfg: Config, state: PipelineState, name: str) -> str | None:

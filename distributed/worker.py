@@ -68,7 +68,6 @@ class Worker:
         self.bench: Benchmark = get_benchmark(self.cfg.data.benchmark, self.cfg.data.root)
         self.log = (tracking.RunLogger(self.cfg.mlflow.tracking_uri, job.run_id, tracking.buffer_folder(self.cfg))
                     if self.rank == 0 else None)
-        self._eval_loaders: dict[str, Any] | None = None
         self._started = False
         self.record_nodes()
 
@@ -96,15 +95,13 @@ class Worker:
                                                   drop_last=True))
 
     def eval_loaders(self) -> dict[str, Any]:
-        """One sequential loader per split, built once per process (FFCV compiles each pipeline)."""
-        if self._eval_loaders is None:
-            per_worker = max(1, self.cfg.data.eval_batch_size // self.world)
-            loaders = {s: build_loader(self.bench, self.spec(s, per_worker)) for s in self.bench.splits if s != "id_train"}
-            n_train = read_info(self.bench.path(self.cfg.data.root, "id_train")).count
-            bank = np.linspace(0, n_train - 1, min(n_train, self.cfg.eval.knn_bank_size)).round().astype(int)
-            loaders["id_train"] = build_loader(self.bench, self.spec("id_train", per_worker, indices=tuple(bank.tolist())))
-            self._eval_loaders = loaders
-        return self._eval_loaders
+        """One sequential loader per split (the id_train one over the kNN bank)."""
+        per_worker = max(1, self.cfg.data.eval_batch_size // self.world)
+        loaders = {s: eval_loader(self.bench, self.spec(s, per_worker)) for s in self.bench.splits if s != "id_train"}
+        n_train = read_info(self.bench.path(self.cfg.data.root, "id_train")).count
+        bank = np.linspace(0, n_train - 1, min(n_train, self.cfg.eval.knn_bank_size)).round().astype(int)
+        loaders["id_train"] = eval_loader(self.bench, self.spec("id_train", per_worker, indices=tuple(bank.tolist())))
+        return loaders
 
     def evaluate(self, net: FeatureNet, scores: list[str]) -> Evaluation | None:
         """Score every split with exactly the model rank 0 saves: its BatchNorm statistics on every rank."""
@@ -147,6 +144,7 @@ class Worker:
             checkpoint.save(Path(tmp), model_state, meta, train_state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=checkpoint.dir_name(self.job.stage, epoch))
+        checkpoint.prune(self.cfg, self.job.stage)
         self.log_once(metrics, epoch)
 
     def log_once(self, metrics: dict[str, float], epoch: int) -> None:
@@ -167,6 +165,17 @@ class Worker:
         """A progress line from rank 0 (through logging: Ray Train tees print() into its logs twice)."""
         if self.rank == 0:
             log.info("[%s] %s", self.job.stage, text)
+
+
+EVAL_LOADERS: dict[LoaderSpec, Any] = {}  # this worker process's, kept across epochs and the stages of a session
+
+
+def eval_loader(bench: Benchmark, spec: LoaderSpec) -> Any:
+    """A sequential evaluation loader, built once per process and spec: FFCV compiles each pipeline (seconds),
+    and freeing compiled pipelines makes numba print errors."""
+    if spec not in EVAL_LOADERS:
+        EVAL_LOADERS[spec] = build_loader(bench, spec)
+    return EVAL_LOADERS[spec]
 
 
 def check_data_root(root: Path) -> str:

@@ -156,6 +156,14 @@ def move(source: StoragePath, target: StoragePath) -> None:
         fs.delete_file(source.fs_path)
 
 
+def remove(path: StoragePath) -> None:
+    """Delete a folder and everything in it."""
+    if isinstance(path, Path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path._fs().delete_dir(path.fs_path)
+
+
 def local_root(storage: StoragePath) -> Path:
     """Where files that must stay local go: the storage folder itself, or for a URI a mirror of its path under
     $OODLAB_LOCAL_DIR (default ~/.cache/oodlab) on each machine."""

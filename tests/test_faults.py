@@ -92,7 +92,7 @@ def test_sigkill_of_a_train_worker_resumes_exactly_and_restart_trains_anew(refer
     new_run = assert_same_as_reference(cfg, reference)  # trained from scratch again, to the same weights
     assert new_run != run_id and not MlflowClient(cfg.mlflow.tracking_uri).get_metric_history(new_run, RESUMED)
     moved = list((cfg.ray.storage_path / cfg.name).glob("replaced-*"))
-    assert len(moved) == 1 and {p.name for p in moved[0].iterdir()} == {"pipeline.json", f"{cfg.name}.train"}
+    assert len(moved) == 1 and {p.name for p in moved[0].iterdir()} == {"pipeline.json", checkpoint.run_dir(cfg).name}
 
 
 def test_sigkill_of_the_train_driver_then_rerun_resumes_exactly(reference, demo_root, tmp_path):
@@ -121,7 +121,7 @@ def test_a_nan_loss_stops_the_stage_at_that_step_without_a_checkpoint(ray_cluste
     last = capsys.readouterr().err.strip().splitlines()[-1]  # (Ray's own lines come before it)
     assert last.startswith("oodlab: error: stage train: the loss is not finite (nan or inf) at epoch 1, step")
     cfg = config.load(path, ["stages.train.lr=1e30"])
-    assert not list(checkpoint.ray_run_dir(cfg, "train").glob("train_epoch_*"))
+    assert not checkpoint.newest_first(cfg, "train")
     state = PipelineState.load(pipeline.state_path(cfg))
     client = MlflowClient(cfg.mlflow.tracking_uri)
     assert {client.get_run(r).info.status for r in (state.parent_run_id, state.stages["train"].run_id)} == {"FAILED"}

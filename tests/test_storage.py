@@ -103,19 +103,19 @@ def test_train_stores_checkpoints_and_state_under_s3(s3, tmp_path, demo_root):
     assert first.returncode == 0, first.stdout
     stored = objects("runs/")
     assert "runs/t/pipeline.json" in stored
-    assert {"runs/t.train/train_epoch_0000/model.pt", "runs/t.train/train_epoch_0000/train_state.pt",
-            "runs/t.final/final_epoch_0000/meta.json"} <= set(stored), stored
+    assert {"runs/t.stages/train_epoch_0000/model.pt", "runs/t.stages/train_epoch_0000/train_state.pt",
+            "runs/t.stages/final_epoch_0000/meta.json"} <= set(stored), stored
     assert not (tmp_path / "runs").exists()  # nothing went to a local folder instead
     log_line = next(line for line in first.stdout.splitlines() if "Ray's output goes to" in line)
     assert s3["OODLAB_LOCAL_DIR"] in log_line  # the driver's log stays on local disk
 
     cfg = config.load(path)
     state = pipeline.PipelineState.load(pipeline.state_path(cfg))
-    assert state.stages["train"].done and state.stages["train"].checkpoint == f"s3://{BUCKET}/runs/t.train/train_epoch_0000"
+    assert state.stages["train"].done and state.stages["train"].checkpoint == f"s3://{BUCKET}/runs/t.stages/train_epoch_0000"
     assert state.stages["final"].metrics == pytest.approx(
         {k: v for k, v in state.stages["train"].metrics.items() if k in state.stages["final"].metrics}, abs=1e-6)
 
-    model = f"s3://{BUCKET}/runs/t.train/train_epoch_0000/model.pt"
+    model = f"s3://{BUCKET}/runs/t.stages/train_epoch_0000/model.pt"
     bench = for_config(cfg)
     pipeline.check_inits(config.validate({**raw, "stages": {"e": {"kind": "eval", "init": model}}}, tmp_path), bench)
     not_weights = {"e": {"kind": "eval", "init": f"s3://{BUCKET}/runs/t/pipeline.json"}}
@@ -127,7 +127,7 @@ def test_train_stores_checkpoints_and_state_under_s3(s3, tmp_path, demo_root):
 
     pipeline.retire(cfg)
     stored = objects("runs/")
-    assert not [k for k in stored if k.startswith(("runs/t/pipeline.json", "runs/t.train/", "runs/t.final/"))]
+    assert not [k for k in stored if k.startswith(("runs/t/pipeline.json", "runs/t.stages/"))]
     assert [k for k in stored if k.startswith("runs/t/replaced-") and k.endswith("/pipeline.json")]
 
 
@@ -148,3 +148,19 @@ def test_sweep_state_lives_under_s3(s3, tmp_path, demo_root):
     assert sweep.previous_state(cfg, restart=False) == state
     assert sweep.previous_state(cfg, restart=True) is None
     assert [k for k in objects("sweeps/") if k.startswith("sweeps/sw/sweep.replaced-") and k.endswith("/sweep.json")]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_prune_keeps_the_newest_checkpoints_of_one_stage(s3, tmp_path, where):
+    """checkpoint.keep_last applies per stage: the other stages' checkpoints in the same run folder stay."""
+    from oodlab import config
+    from oodlab.atomic import write_text
+    from oodlab.distributed import checkpoint
+
+    storage = str(tmp_path / "runs") if where == "local" else f"s3://{BUCKET}/prune"
+    cfg = config.validate({"name": "p", "ray": {"storage_path": storage}, "checkpoint": {"keep_last": 2}}, tmp_path)
+    for name in ["a_epoch_0000", "a_epoch_0001", "a_epoch_0002", "b_epoch_0000"]:
+        write_text(checkpoint.run_dir(cfg) / name / checkpoint.META, "{}")
+    checkpoint.prune(cfg, "a")
+    assert sorted(p.name for p in checkpoint.run_dir(cfg).glob("*_epoch_*")) == \
+        ["a_epoch_0001", "a_epoch_0002", "b_epoch_0000"]
