@@ -20,6 +20,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_metrics.py
 	$(VENV)/bin/python bench/bench_scores.py
 	$(VENV)/bin/python bench/bench_train.py
+	$(VENV)/bin/python bench/bench_sweep.py
 
 clean:
 	rm -rf .oodlab
