@@ -7,6 +7,7 @@ checkpoint and forgetting threshold, and the MLflow run that rank 0 logs to.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import socket
 import tempfile
@@ -94,8 +95,9 @@ class Worker:
         return build_loader(self.bench, self.spec("id_train", per_worker, augment=True, order=self.cfg.data.order,
                                                   drop_last=True))
 
+    @functools.cached_property
     def eval_loaders(self) -> dict[str, Any]:
-        """One sequential loader per split (the id_train one over the kNN bank)."""
+        """One sequential loader per split (the id_train one over the kNN bank), looked up once per stage."""
         per_worker = max(1, self.cfg.data.eval_batch_size // self.world)
         loaders = {s: eval_loader(self.bench, self.spec(s, per_worker)) for s in self.bench.splits if s != "id_train"}
         n_train = read_info(self.bench.path(self.cfg.data.root, "id_train")).count
@@ -108,7 +110,7 @@ class Worker:
         if dist.is_initialized():
             for buffer in net.buffers():
                 dist.broadcast(buffer, 0)
-        loaders = self.eval_loaders()
+        loaders = self.eval_loaders
         sizes = {s: len(loader.indices) for s, loader in loaders.items()}
         start = time.perf_counter()
         evaluation = evaluate(net, loaders, sizes, self.bench, scores, self.cfg.eval.params)

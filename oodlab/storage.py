@@ -112,12 +112,10 @@ class RemotePath:
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode())
 
-    def unlink(self, missing_ok: bool = False) -> None:
-        if missing_ok and not self.exists():
-            return
+    def unlink(self) -> None:
         self._fs().delete_file(self.fs_path)
 
-    def mkdir(self, parents: bool = True, exist_ok: bool = True) -> None:
+    def mkdir(self, parents: bool = True) -> None:
         self._fs().create_dir(self.fs_path, recursive=parents)
 
 

@@ -27,8 +27,8 @@ from oodlab.config import Config
 from oodlab.distributed import pipeline
 from oodlab.distributed.launch import StageResult, fit
 from oodlab.distributed.worker import Job, train_loop_per_worker
-from oodlab.tuning.objective import ValidationReport, reference_accuracy, tuned_stage
 from oodlab.storage import StoragePath
+from oodlab.tuning.objective import ValidationReport, reference_accuracy, tuned_stage
 from oodlab.tuning.space import overrides, sampled_config
 
 PLACEMENT_GROUPS = "placement_groups.txt"
