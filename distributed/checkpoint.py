@@ -4,21 +4,25 @@ A checkpoint directory holds:
   model.pt        dense state_dict (masks baked in: W * M) that `timm.create_model(...).load_state_dict` takes
   train_state.pt  what resuming this stage needs: full model state (mask scores too), optimizer, scheduler
   meta.json       stage, epoch, metrics
-Ray Train copies the directory into its run storage (a local folder or a URI: oodlab.storage reads both).
+Rank 0 writes it into the pipeline's run folder (`run_dir`: a local folder or a URI, through oodlab.storage)
+under `<stage>_epoch_NNNN`. Ray Train is not handed the checkpoint: oodlab resumes from the files, and a
+pool of worker groups (a sweep's) writes each trial's checkpoints into that trial's own folder.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from oodlab.atomic import atomic_path, write_text
+from oodlab.atomic import atomic_path, fsync, write_text
 from oodlab.config import Config
-from oodlab.storage import StoragePath, location, remove
+from oodlab.storage import RemotePath, StoragePath, location, remove, upload
 
 MODEL = "model.pt"
 TRAIN_STATE = "train_state.pt"
@@ -35,6 +39,30 @@ def save(directory: Path, model_state: dict[str, torch.Tensor] | None, meta: dic
         _save_tensor_file(directory / TRAIN_STATE, train_state)
     write_text(directory / META, json.dumps(meta, indent=1, default=float))
     return directory
+
+
+def write(cfg: Config, stage: str, epoch: int, model_state: dict[str, torch.Tensor] | None, meta: dict[str, Any],
+          train_state: dict[str, Any] | None = None) -> StoragePath:
+    """Write one epoch's checkpoint folder into the run folder, where readers find it whole or not at all.
+
+    Locally it is built beside its final name and renamed into place. Under a URI its files are uploaded with
+    meta.json last: a folder without meta.json is no checkpoint to `newest_dir`, and `newest_training_state`
+    skips one whose files do not load.
+    """
+    target = run_dir(cfg) / dir_name(stage, epoch)
+    if isinstance(target, RemotePath):
+        with tempfile.TemporaryDirectory() as tmp:
+            for file in sorted(save(Path(tmp), model_state, meta, train_state).iterdir(), key=lambda f: f.name == META):
+                upload(file, target / file.name)
+        return target
+    for stale in target.parent.glob(f".{target.name}.partial-*"):  # left by a writer that died
+        remove(stale)
+    building = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    save(building, model_state, meta, train_state)
+    remove(target)  # an incomplete copy of the same epoch, written before a failure
+    os.replace(building, target)
+    fsync(target.parent)
+    return target
 
 
 def load(path: str | StoragePath) -> dict[str, Any]:
@@ -60,8 +88,8 @@ def read_meta(directory: str | StoragePath) -> dict[str, Any]:
 
 
 def run_dir(cfg: Config) -> StoragePath:
-    """Where Ray Train keeps a pipeline's checkpoints and run state: `<ray.storage_path>/<name>.stages`, one folder
-    for every stage (one Ray Train run for all of them; each checkpoint folder is named after its stage)."""
+    """A pipeline's checkpoints, `<ray.storage_path>/<name>.stages`: one folder for every stage (each checkpoint
+    folder is named after its stage); Ray Train's run state too, when the pipeline is its own Ray Train run."""
     return cfg.ray.storage_path / f"{cfg.name}.stages"
 
 
@@ -75,13 +103,13 @@ def dir_name(stage: str, epoch: int) -> str:
 
 
 def newest_first(cfg: Config, stage: str) -> list[StoragePath]:
-    """The stage's checkpoint folders in the pipeline's Ray run folder, the newest first."""
+    """The stage's checkpoint folders in the pipeline's run folder, the newest first."""
     return sorted(run_dir(cfg).glob(f"{stage}_epoch_*"), reverse=True)
 
 
 def prune(cfg: Config, stage: str) -> None:
-    """Delete the stage's checkpoints beyond the newest `checkpoint.keep_last` (Ray Train keeps every one: its own
-    count would span all the stages of the run and delete the checkpoints later stages start from)."""
+    """Delete the stage's checkpoints beyond the newest `checkpoint.keep_last` (counted per stage: later stages
+    start from the last checkpoint of earlier ones)."""
     keep = cfg.checkpoint.keep_last
     for old in newest_first(cfg, stage)[keep:] if keep else []:
         remove(old)
@@ -89,16 +117,14 @@ def prune(cfg: Config, stage: str) -> None:
 
 def newest_dir(cfg: Config, stage: str) -> StoragePath | None:
     """The stage's newest checkpoint folder with its meta.json, or None: once the stage ended, its final
-    checkpoint, whether or not Ray registered it (see newest_training_state)."""
+    checkpoint."""
     return next((p for p in newest_first(cfg, stage) if (p / META).is_file()), None)
 
 
 def newest_training_state(cfg: Config, stage: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(train_state, meta) of the stage's newest complete checkpoint in the Ray run folder, or None.
+    """(train_state, meta) of the stage's newest complete checkpoint in the run folder, or None.
 
-    Read from storage rather than from `ray.train.get_checkpoint()`: a checkpoint is complete once its files are
-    there, but Ray Train registers it only when its controller next polls the workers, so after a worker dies
-    Ray may hand back the one before. A checkpoint whose files are incomplete (a copy cut short) is skipped.
+    A checkpoint whose files do not load (an upload cut short) is skipped.
     """
     for path in newest_first(cfg, stage):
         try:

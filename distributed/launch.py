@@ -1,7 +1,7 @@
-"""Ray Train runs: config -> TorchTrainer(ScalingConfig, RunConfig) -> fit; a stage's result from its checkpoints.
+"""Ray Train runs: config -> TorchTrainer(ScalingConfig, RunConfig); a stage's result from its checkpoints.
 
-`oodlab train` runs all of a pipeline's stages in one Ray Train run (`session.py`); `fit` runs one stage as
-its own run (a sweep's trials, where only the tuned stage reports to Tune).
+The runs themselves are worker groups that take stage after stage (`session.py`): one per `oodlab train`,
+a pool of them per sweep.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 import ray._private.ray_constants as ray_constants
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from oodlab.config import Config, RayConfig
@@ -22,7 +22,6 @@ from oodlab.errors import StageFailed
 from oodlab.storage import storage_env
 from oodlab.distributed import checkpoint
 from oodlab.distributed.tracking import tracking_env
-from oodlab.distributed.worker import Job, train_loop_per_worker
 
 SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
 
@@ -92,11 +91,10 @@ def check_resources(cfg: RayConfig) -> None:
                              f"has {have.get(name, 0)} {name}; start nodes with --resources or change the field")
 
 
-def trainer(cfg: Config, loop_config: dict[str, Any], callbacks: list[Any] | None = None,
-            loop: Callable[[dict[str, Any]], None] = train_loop_per_worker) -> TorchTrainer:
-    """`loop(loop_config)` on every worker. Ray Train keeps every checkpoint (`checkpoint.prune` applies
-    `checkpoint.keep_last` per stage); `loop` wraps the worker loop where a caller must act on the workers first
-    (tuning notes their placement group)."""
+def trainer(cfg: Config, loop_config: dict[str, Any], loop: Callable[[dict[str, Any]], None],
+            name: str | None = None) -> TorchTrainer:
+    """`loop(loop_config)` on every worker, in the Ray Train run `name` (default: the pipeline's run folder).
+    oodlab writes and prunes the checkpoints itself (`checkpoint.write`), so Ray Train keeps none."""
     r = cfg.ray
     return TorchTrainer(
         loop,
@@ -106,24 +104,11 @@ def trainer(cfg: Config, loop_config: dict[str, Any], callbacks: list[Any] | Non
                                      resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {}),
                                                            **r.resources_per_worker}),
         run_config=RunConfig(
-            name=checkpoint.run_dir(cfg).name,
+            name=name or checkpoint.run_dir(cfg).name,
             storage_path=str(r.storage_path),
-            checkpoint_config=CheckpointConfig(num_to_keep=None),
             failure_config=FailureConfig(max_failures=r.max_failures),
-            callbacks=callbacks,
         ),
     )
-
-
-def fit(cfg: Config, job: Job, callbacks: list[Any] | None = None,
-        loop: Callable[[dict[str, Any]], None] = train_loop_per_worker) -> StageResult:
-    """Run one stage as its own Ray Train run (resuming from its own last checkpoint if it was interrupted)."""
-    ensure_ray(cfg.ray)
-    check_resources(cfg.ray)
-    result = trainer(cfg, job.to_dict(), callbacks, loop).fit()
-    if result.error is not None:
-        raise result.error
-    return stage_result(cfg, job.stage)
 
 
 def stage_result(cfg: Config, stage: str) -> StageResult:

@@ -29,7 +29,7 @@ from oodlab.models import create_model
 from oodlab.storage import StoragePath
 
 
-Launch = Callable[[Config, Job], StageResult]  # runs one stage as its own Ray Train run (launch.fit)
+Launch = Callable[[Config, Job], StageResult]  # runs one stage on a worker group (a sweep trial's)
 
 
 @dataclass
@@ -129,8 +129,8 @@ def run(cfg: Config, restart: bool = False, launch: Launch | None = None,
         checked: Benchmark | None = None) -> PipelineState:
     """Run (or resume) every stage; return the final state with each stage's checkpoint and metrics.
 
-    The stages run in one Ray Train run, or each through `launch` when given (a sweep passes one that reports
-    the tuned stage to Tune); `parent_run_id` nests this
+    The stages run in one Ray Train run, or each through `launch` when given (a sweep trial passes one that runs
+    them on its leased worker group and reports the tuned stage to Tune); `parent_run_id` nests this
     pipeline's MLflow run under another (a sweep's), `tags` are added to it; `checked` is the benchmark a
     caller's `preflight` returned (else run checks). Bad input fails before any MLflow run exists; a failure
     later ends the open runs as FAILED (KILLED on Ctrl-C), and a rerun continues them.

@@ -10,11 +10,10 @@ import contextlib
 import functools
 import logging
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import ray.train
@@ -54,11 +53,18 @@ class Job:
         return dict(self.__dict__)
 
 
+class Channel(Protocol):
+    """How rank 0 of a worker group that runs stages for a driver (`session.py`) hands it each epoch's result."""
+
+    def hand(self, metrics: dict[str, float], epoch: int) -> bool:
+        """Hand over an epoch's result; whether the driver still wants the stage."""
+
+
 class Worker:
     """Per-process state: config, rank, device, data loaders, MLflow logger (rank 0)."""
 
-    def __init__(self, job: Job):
-        self.job = job
+    def __init__(self, job: Job, channel: Channel | None = None):
+        self.job, self.channel = job, channel
         self.cfg = Config.model_validate(job.config)
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -73,12 +79,14 @@ class Worker:
         self.record_nodes()
 
     def record_nodes(self) -> None:
-        """Rank 0 tags the run with every rank's Ray node id: `ray.node_ids` (in rank order), `ray.node_id.rank<r>`."""
+        """Rank 0 tags the run with every rank's Ray node id (`ray.node_ids` in rank order, `ray.node_id.rank<r>`)
+        and with the Ray Train run whose worker group ran the stage (`ray.train_run`)."""
         nodes = [self.node_id] * self.world
         if dist.is_initialized():
             dist.all_gather_object(nodes, self.node_id)
         if self.log is not None:
-            self.log.tags({"ray.node_ids": ",".join(nodes)} | {f"ray.node_id.rank{r}": n for r, n in enumerate(nodes)})
+            self.log.tags({"ray.node_ids": ",".join(nodes), "ray.train_run": ray.train.get_context().get_experiment_name()}
+                          | {f"ray.node_id.rank{r}": n for r, n in enumerate(nodes)})
 
     # -- data --------------------------------------------------------------------------------------
     def spec(self, split: str, batch_size: int, **kw) -> LoaderSpec:
@@ -91,18 +99,18 @@ class Worker:
         """Shuffled, augmented, full batches; or (`sequential`) every sample exactly once, for estimation."""
         per_worker = self.cfg.data.batch_size // self.world
         if sequential:
-            return build_loader(self.bench, self.spec("id_train", per_worker, augment=augment))
-        return build_loader(self.bench, self.spec("id_train", per_worker, augment=True, order=self.cfg.data.order,
-                                                  drop_last=True))
+            return shared_loader(self.bench, self.spec("id_train", per_worker, augment=augment))
+        return shared_loader(self.bench, self.spec("id_train", per_worker, augment=True, order=self.cfg.data.order,
+                                            drop_last=True))
 
     @functools.cached_property
     def eval_loaders(self) -> dict[str, Any]:
         """One sequential loader per split (the id_train one over the kNN bank), looked up once per stage."""
         per_worker = max(1, self.cfg.data.eval_batch_size // self.world)
-        loaders = {s: eval_loader(self.bench, self.spec(s, per_worker)) for s in self.bench.splits if s != "id_train"}
+        loaders = {s: shared_loader(self.bench, self.spec(s, per_worker)) for s in self.bench.splits if s != "id_train"}
         n_train = read_info(self.bench.path(self.cfg.data.root, "id_train")).count
         bank = np.linspace(0, n_train - 1, min(n_train, self.cfg.eval.knn_bank_size)).round().astype(int)
-        loaders["id_train"] = eval_loader(self.bench, self.spec("id_train", per_worker, indices=tuple(bank.tolist())))
+        loaders["id_train"] = shared_loader(self.bench, self.spec("id_train", per_worker, indices=tuple(bank.tolist())))
         return loaders
 
     def evaluate(self, net: FeatureNet, scores: list[str]) -> Evaluation | None:
@@ -132,22 +140,30 @@ class Worker:
     # -- reporting ---------------------------------------------------------------------------------
     def report(self, metrics: dict[str, float], epoch: int, net: FeatureNet | None = None,
                train_state: dict | None = None) -> None:
-        """Every rank calls ray.train.report (a barrier); rank 0 writes the checkpoint, then logs the metrics.
+        """Rank 0 writes the epoch's checkpoint; every rank calls ray.train.report (a barrier); then the driver
+        sees the result (`Channel`) and rank 0 logs the metrics. StageCancelled if the driver no longer wants
+        the stage.
 
-        Metrics reach MLflow only once their checkpoint is reported; a worker that dies in between logs them
+        Metrics reach MLflow only once their checkpoint is written; a worker that dies in between logs them
         when it resumes from that checkpoint (`log_once`).
         """
-        if self.rank != 0:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
+        if self.rank == 0:
             meta = {"stage": self.job.stage, "epoch": epoch, "metrics": metrics}
             model_state = None if net is None else dense_state_dict(net.model)
-            checkpoint.save(Path(tmp), model_state, meta, train_state)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=checkpoint.dir_name(self.job.stage, epoch))
-        checkpoint.prune(self.cfg, self.job.stage)
+            checkpoint.write(self.cfg, self.job.stage, epoch, model_state, meta, train_state)
+            checkpoint.prune(self.cfg, self.job.stage)
+        ray.train.report(metrics)
+        if self.channel is not None and not self.from_rank0(self.rank != 0 or self.channel.hand(metrics, epoch)):
+            raise StageCancelled(f"cancelled by the driver after epoch {epoch + 1}")
         self.log_once(metrics, epoch)
+
+    def from_rank0(self, flag: bool) -> bool:
+        """Rank 0's flag on every rank (so that all stop at the same step)."""
+        if not dist.is_initialized():
+            return flag
+        shared = torch.tensor([float(flag)], device=self.device)
+        dist.broadcast(shared, 0)
+        return bool(shared.item())
 
     def log_once(self, metrics: dict[str, float], epoch: int) -> None:
         """Rank 0: log an epoch's metrics unless an earlier attempt of this stage logged them."""
@@ -169,15 +185,17 @@ class Worker:
             log.info("[%s] %s", self.job.stage, text)
 
 
-EVAL_LOADERS: dict[LoaderSpec, Any] = {}  # this worker process's, kept across epochs and the stages of a session
+LOADERS: dict[LoaderSpec, Any] = {}  # this worker process's, kept across epochs and the stages of a session
 
 
-def eval_loader(bench: Benchmark, spec: LoaderSpec) -> Any:
-    """A sequential evaluation loader, built once per process and spec: FFCV compiles each pipeline (seconds),
-    and freeing compiled pipelines makes numba print errors."""
-    if spec not in EVAL_LOADERS:
-        EVAL_LOADERS[spec] = build_loader(bench, spec)
-    return EVAL_LOADERS[spec]
+def shared_loader(bench: Benchmark, spec: LoaderSpec) -> Any:
+    """A loader built once per process and spec, reused by later stages (a session's, a sweep's trials): FFCV
+    compiles each pipeline (seconds), and freeing compiled pipelines makes numba print errors. It starts at
+    epoch 0 each time it is handed out (a resumed stage then sets its epoch)."""
+    if spec not in LOADERS:
+        LOADERS[spec] = build_loader(bench, spec)
+    LOADERS[spec].next_epoch = 0
+    return LOADERS[spec]
 
 
 def check_data_root(root: Path) -> str:
@@ -193,17 +211,22 @@ class StageError(Exception):
     """A deterministic failure every rank sees at the same step (a NaN loss): the stage stops, not retried."""
 
 
+class StageCancelled(Exception):
+    """The driver no longer wants the stage (a sweep trial that Tune stopped): every rank stops after the epoch."""
+
+
 RESUMED = "resumed_after_epoch"  # logged by a resumed stage, once per resume
 STARTUP = "stage_startup_seconds"  # logged once per attempt of a stage
 
 
-def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
-    """Ray Train entry point. The first worker on each node logs that node's system metrics to the stage's run.
+def train_loop_per_worker(job_dict: dict[str, Any], channel: Channel | None = None) -> None:
+    """One stage on every worker. The first worker on each node logs that node's system metrics to the stage's run.
 
     A StageError ends the loop normally, its message left in the stage's error file for the driver: Ray retries
     only system failures (a raised exception would be retried `ray.max_failures` times, failing the same way).
+    A StageCancelled ends it normally too.
     """
-    worker = Worker(Job(**job_dict))
+    worker = Worker(Job(**job_dict), channel)
     stage = worker.cfg.stages[worker.job.stage]
     monitor = (tracking.system_metrics(worker.cfg.mlflow.tracking_uri, worker.job.run_id, worker.node_id[:8])
                if ray.train.get_context().get_local_rank() == 0 else contextlib.nullcontext())
@@ -219,6 +242,8 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
             worker.say(f"stopped: {err}")
             if worker.rank == 0:
                 write_text(checkpoint.stage_error_file(worker.cfg, worker.job.stage), str(err))
+        except StageCancelled as err:
+            worker.say(str(err))
 
 
 def run_train(worker: Worker, stage: TrainStage) -> None:

@@ -154,6 +154,12 @@ def move(source: StoragePath, target: StoragePath) -> None:
         fs.delete_file(source.fs_path)
 
 
+def upload(local: Path, target: RemotePath) -> None:
+    """Copy a local file to a path under a URI, streamed (one object, which appears whole)."""
+    pafs.copy_files(str(local), target.fs_path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=target._fs())
+
+
 def remove(path: StoragePath) -> None:
     """Delete a folder and everything in it."""
     if isinstance(path, Path):

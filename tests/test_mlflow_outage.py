@@ -22,8 +22,7 @@ from servers import free_port, oodlab, stop, wait_for_http
 
 from oodlab import config
 from oodlab.cli import main
-from oodlab.distributed import checkpoint, pipeline, tracking
-from oodlab.distributed.launch import fit
+from oodlab.distributed import checkpoint, pipeline, session, tracking
 from oodlab.distributed.tracking_buffer import Buffer
 
 
@@ -117,7 +116,7 @@ def test_a_lost_server_gets_every_record_once_and_in_order_when_it_returns(serve
 
 
 def test_training_goes_on_without_the_server_and_one_command_uploads_the_rest(server, ray_cluster, demo_root,
-                                                                              tmp_path, capsys):
+                                                                              tmp_path, capsys, monkeypatch):
     raw = tiny_raw(tmp_path, demo_root) | {"name": "outage", "mlflow": {"tracking_uri": server.url,
                                                                        "experiment": "outage"}}
     raw["ray"] |= {"num_workers": 1}
@@ -125,11 +124,14 @@ def test_training_goes_on_without_the_server_and_one_command_uploads_the_rest(se
     path.write_text(yaml.safe_dump(raw))
     cfg = config.load(path)
 
-    def launch_without_server(cfg, job):  # the server goes away for good once the stage's run exists
-        server.stop()
-        return fit(cfg, job)
+    run_job = session.run_job
 
-    state = pipeline.run(cfg, launch=launch_without_server)
+    def run_without_server(*args):  # the server goes away for good once the stage's run exists
+        server.stop()
+        return run_job(*args)
+
+    monkeypatch.setattr(session, "run_job", run_without_server)
+    state = pipeline.run(cfg)
     record = state.stages["train"]
     assert record.done and checkpoint.model_file(record.checkpoint).is_file()
     assert "oodlab mlflow-upload" in capsys.readouterr().out

@@ -387,6 +387,8 @@ def test_tiny_sweep_leaves_a_parent_run_with_four_trial_runs(tiny_sweep):
         losses = client.get_metric_history(stage.info.run_id, "train/loss")
         assert sorted(m.step for m in losses) == list(range(row.epochs))  # per-epoch metrics, each epoch once
         assert stage.data.metrics["ood/energy/val/fpr95"] == pytest.approx(row.metric)
+        # It ran on the sweep's worker group, a Ray Train run kept for all the trials (one at a time here).
+        assert stage.data.tags["ray.train_run"] == "tiny.worker-group-0"
 
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"best_config.yaml", "trials.csv", "trials.md", "config.yaml", "plots"} <= artifacts

@@ -8,8 +8,9 @@ from ray.tune import Callback
 
 from oodlab.console import say
 from oodlab.distributed import pipeline, tracking
+from oodlab.distributed.session import Pool
 from oodlab.tuning.space import overrides
-from oodlab.tuning.trial import release_placement_groups, trial_config
+from oodlab.tuning.trial import trial_config
 
 
 class StatusLine(Callback):
@@ -45,22 +46,26 @@ class StatusLine(Callback):
 
 
 class TrialCleanup(Callback):
-    """When a trial ends, close what a killed one leaves open: its worker placement group and MLflow runs."""
+    """When a trial ends, close what a killed one leaves open: its hold on a worker group and its MLflow runs."""
 
-    def __init__(self, raw: dict[str, Any]):
-        self.raw = raw
+    def __init__(self, raw: dict[str, Any], pool: str):
+        self.raw, self.pool = raw, pool  # the pool by name: Tune pickles its callbacks
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        close_trial(self.raw, trial.config, trial.trial_id, "KILLED")
+        self.close(trial, "KILLED")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        close_trial(self.raw, trial.config, trial.trial_id, "FAILED")
+        self.close(trial, "FAILED")
+
+    def close(self, trial, status: str) -> None:
+        if (pool := Pool.open.get(self.pool)) is not None:
+            pool.release(trial.trial_id)
+        close_trial(self.raw, trial.config, trial.trial_id, status)
 
 
 def close_trial(raw: dict[str, Any], params: dict[str, Any], trial_id: str, status: str) -> None:
-    """Release a trial's leftover placement groups; end its still-open MLflow runs with `status`."""
+    """End a trial's still-open MLflow runs with `status`."""
     cfg = trial_config(raw, params, trial_id)
-    release_placement_groups(cfg)
     state = pipeline.PipelineState.load(pipeline.state_path(cfg))
     uri = cfg.mlflow.tracking_uri
     for run_id in [r.run_id for r in state.stages.values()] + ([state.parent_run_id] if state.parent_run_id else []):

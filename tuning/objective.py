@@ -1,7 +1,7 @@
 """What Tune may see: validation metrics and training statistics only, and the objective made from them.
 
-Workers evaluate every split each epoch (MLflow keeps the test-set curves), but the callback that hands
-their results to Tune passes them through `validation_view` first: test-set keys (`id_acc`,
+Workers evaluate every split each epoch (MLflow keeps the test-set curves), but a trial hands their
+results to Tune through `tune_result`, which passes them through `validation_view` first: test-set keys (`id_acc`,
 `ood/<score>/<test set|near|far|all>/...`) never reach Tune, its scheduler, its searcher or
 `objective`, so test OOD data cannot influence which trial wins. The test sets are read for the best
 trial only, after the sweep.
@@ -16,14 +16,12 @@ epoch), so it costs no extra evaluation; a foreign checkpoint without it is reje
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
-
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from oodlab.config import Config, ConfigError, SearchConfig
 from oodlab.distributed.checkpoint import META, model_file, read_meta
 from oodlab.metrics import METRIC_NAMES
+from oodlab.storage import StoragePath, location
 
 TRAINING_KEYS = ("lr", "epoch_seconds")
 
@@ -60,9 +58,9 @@ def tuned_stage(cfg: Config) -> str:
     return list(cfg.train_stages())[-1]
 
 
-def reference_accuracy(model: str | Path) -> float:
+def reference_accuracy(model: str | StoragePath) -> float:
     """ID validation accuracy (percent) of a starting checkpoint, from the meta.json oodlab wrote beside it."""
-    meta = Path(model).parent / META
+    meta = location(model).parent / META
     found = read_meta(meta.parent).get("metrics", {}) if meta.is_file() else {}
     if "id_val_acc" not in found:
         raise ConfigError(
@@ -90,23 +88,14 @@ def check_objective(cfg: Config) -> None:
             reference_accuracy(model_file(init))
 
 
-class ValidationReport(TuneReportCallback):
-    """Hands rank 0's epoch results to Tune: the validation view, the objective, and the epoch as iteration.
+def tune_result(result: Mapping[str, Any], search: SearchConfig, reference: float | None) -> dict[str, Any] | None:
+    """What Tune gets of rank 0's epoch result ({"epoch", "metrics"}): the validation view, the objective, and
+    the epoch as `training_iteration`; None for an epoch without the metric (no OOD evaluation).
 
-    Runs in the Ray Train controller. Epochs without the metric (no OOD evaluation) are not reported.
-    `training_iteration` is the stage's epoch + 1 (read from the checkpoint's meta.json), so ASHA's rungs
-    stay in epochs when an interrupted trial resumes its stage from a checkpoint.
+    `training_iteration` is the stage's epoch + 1, so ASHA's rungs stay in epochs when an interrupted trial
+    resumes its stage from a checkpoint.
     """
-
-    def __init__(self, search: SearchConfig, reference: float | None):
-        super().__init__()
-        self.search, self.reference = search, reference
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        view = validation_view(metrics[0])
-        if self.search.metric not in view:
-            return
-        view["objective"] = objective(view, self.search, self.reference)
-        with checkpoint.as_directory() as directory:
-            view["training_iteration"] = int(read_meta(Path(directory))["epoch"]) + 1
-        super().after_report(run_context, [view], checkpoint)
+    view = validation_view(result["metrics"])
+    if search.metric not in view:
+        return None
+    return view | {"objective": objective(view, search, reference), "training_iteration": int(result["epoch"]) + 1}

@@ -1,9 +1,10 @@
 """How many trials may run at once without deadlocking.
 
-Each trial is a Tune actor (the driver function, TRIAL_DRIVER_CPUS) that starts a Ray Train run whose
-workers take their own placement group outside the trial's. If Tune started more trials than the
-cluster can also fit the workers of, every driver would hold its CPU while waiting for workers that
-never get one. So: max_concurrent_trials = how many (driver + workers) fit in the cluster's totals.
+The sweep keeps one Ray Train worker group per trial that may run at once, and each running trial is a
+Tune actor (the driver function, TRIAL_DRIVER_CPUS) that runs its stages on one of them. If Tune started
+more trials than there are groups, or groups than the cluster can fit beside their trials' actors, a
+trial would hold its CPU while waiting for workers that never come. So: max_concurrent_trials = how many
+(driver + workers) fit in the cluster's totals, and the sweep starts that many groups.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 
 from oodlab.config import Config, ConfigError
 
-TRIAL_DRIVER_CPUS = 1.0  # Tune rejects a zero-CPU trial; the driver mostly waits on its Train run
+TRIAL_DRIVER_CPUS = 1.0  # Tune rejects a zero-CPU trial; the driver mostly waits on its worker group
 
 
 def worker_cpus(cfg: Config) -> float:

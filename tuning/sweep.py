@@ -1,15 +1,17 @@
-"""`oodlab tune`: a Ray Tune sweep whose trials each run the config's stages as multi-worker Ray Train runs.
+"""`oodlab tune`: a Ray Tune sweep whose trials each run the config's stages on multi-worker Ray Train groups.
 
-Ray Train V2 pattern: the Tuner runs a function trainable per trial (`trial.run_trial`) that applies the
-sampled overrides and runs the pipeline; the tuned stage's epoch results reach Tune through
-`objective.ValidationReport`, validation metrics only. Searchers: random (grid dimensions expand) or
-Optuna TPE; scheduler: ASHA on the tuned stage's epochs, or FIFO. `max_concurrent_trials` comes from the
-cluster's resources (`resources.py`).
+The driver starts one worker group (a Ray Train run, `session.Pool`) per trial that may run at once
+(`max_concurrent_trials`, from the cluster's resources: `resources.py`) and keeps them for the whole sweep, so
+trials do not pay for starting workers. The Tuner runs a function trainable per trial (`trial.run_trial`)
+that applies the sampled overrides, leases a group and runs the pipeline on it; the tuned stage's epoch
+results reach Tune through `objective.tune_result`, validation metrics only. Searchers: random (grid
+dimensions expand) or Optuna TPE; scheduler: ASHA on the tuned stage's epochs, or FIFO.
 
 Everything lives under `<ray.storage_path>/<name>/sweep/`:
   sweep.json  the sweep's MLflow parent run and its config (a rerun must use the same config)
   tune/       Tune's experiment: rerunning `oodlab tune` restores it, so ended trials are not rerun
-  trials/     each trial's pipeline state and Train runs (an interrupted trial resumes its stage there)
+  trials/     each trial's pipeline state and checkpoints (an interrupted trial resumes its stage there),
+              and the worker groups' Ray Train runs
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from oodlab import storage
 from oodlab.atomic import write_text
 from oodlab.console import say
 from oodlab.config import Config, ConfigError, check_unchanged, flatten, to_dict
-from oodlab.distributed import pipeline, tracking
+from oodlab.distributed import pipeline, session, tracking
 from oodlab.distributed.artifacts import log_report
 from oodlab.distributed.launch import ensure_ray
 from oodlab.plots import png_bytes
@@ -74,7 +76,13 @@ def run(cfg: Config, restart: bool = False, base: dict[str, Any] | None = None) 
     ensure_ray(cfg.ray)
     concurrency = max_concurrent_trials(ray.cluster_resources(), cfg)
     state = resumed or new_state(cfg, concurrency)
-    results = tuner(cfg, base, state, concurrency).fit()
+    pool = session.Pool(Config.model_validate(base), concurrency)
+    try:
+        results = tuner(cfg, base, state, concurrency, pool).fit()
+    except BaseException:
+        pool.close(wait=False)  # the groups stop after their epoch; they end with this driver at the latest
+        raise
+    pool.close()
     return finish(cfg, base, state, results)
 
 
@@ -134,11 +142,11 @@ def retire(cfg: Config, folder: StoragePath) -> None:
     say(f"[sweep] --restart: the previous sweep moved to {aside}")
 
 
-def tuner(cfg: Config, base: dict[str, Any], state: SweepState, concurrency: int) -> tune.Tuner:
+def tuner(cfg: Config, base: dict[str, Any], state: SweepState, concurrency: int, pool: session.Pool) -> tune.Tuner:
     """Restore the sweep's Tuner if it ran before, else build it."""
     search = cfg.search
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=TrialSetup(base, state.parent_run_id)),
-                                    {"CPU": TRIAL_DRIVER_CPUS})
+    setup = TrialSetup(base, state.parent_run_id, tuple(pool.mailboxes))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_DRIVER_CPUS})
     experiment = str(sweep_folder(cfg) / "tune")
     if tune.Tuner.can_restore(experiment):
         say(f"[sweep] resuming {experiment}")
@@ -150,9 +158,9 @@ def tuner(cfg: Config, base: dict[str, Any], state: SweepState, concurrency: int
         param_space=to_tune(search.space),
         tune_config=tune.TuneConfig(metric="objective", mode=search.mode, num_samples=search.num_samples,
                                     search_alg=searcher(cfg, concurrency), scheduler=scheduler(cfg),
-                                    reuse_actors=False, trial_dirname_creator=trial_dirname),
+                                    reuse_actors=True, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name="tune", storage_path=str(sweep_folder(cfg)), verbose=0,
-                                  callbacks=[status, TrialCleanup(base)]),
+                                  callbacks=[status, TrialCleanup(base, pool.name)]),
     )
 
 
@@ -198,7 +206,7 @@ def finish(cfg: Config, base: dict[str, Any], state: SweepState, results: tune.R
                                  results.num_terminated + results.num_errors)
     if result.interrupted:
         return result
-    for row in rows:  # a trial cut while its Train run was being killed may have left a group behind
+    for row in rows:  # a trial whose actor was killed may have left its runs open
         close_trial(base, row.params, row.trial_id, "KILLED")
     result.best = summary.pick_best(rows, search.mode)
     if result.best is not None:
