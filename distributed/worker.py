@@ -101,7 +101,7 @@ class Worker:
         if sequential:
             return shared_loader(self.bench, self.spec("id_train", per_worker, augment=augment))
         return shared_loader(self.bench, self.spec("id_train", per_worker, augment=True, order=self.cfg.data.order,
-                                            drop_last=True))
+                                                   drop_last=True))
 
     @functools.cached_property
     def eval_loaders(self) -> dict[str, Any]:
