@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -180,8 +181,15 @@ def run_stages(cfg: Config, bench: Benchmark, state: PipelineState, launch: Laun
             todo.append(name)
 
     def drive(run_stage: Callable[[Job], StageResult]) -> None:
-        for name in todo:
-            run_one_stage(cfg, bench, state, name, run_stage, open_runs)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="oodlab-finish") as finisher:
+            finishing: Future[str] | None = None
+            try:
+                for name in todo:
+                    result = run_one_stage(cfg, bench, state, name, run_stage, open_runs)
+                    settle(state, finishing)
+                    finishing = finisher.submit(finish_one_stage, cfg, bench, state, name, result, open_runs)
+            finally:
+                settle(state, finishing)
 
     if launch is not None:
         drive(lambda job: launch(cfg, job))
@@ -190,8 +198,8 @@ def run_stages(cfg: Config, bench: Benchmark, state: PipelineState, launch: Laun
 
 
 def run_one_stage(cfg: Config, bench: Benchmark, state: PipelineState, name: str,
-                  run_stage: Callable[[Job], StageResult], open_runs: list[str]) -> None:
-    """Open (or reopen) the stage's MLflow run, run it, record its checkpoint and metrics, log what it left."""
+                  run_stage: Callable[[Job], StageResult], open_runs: list[str]) -> StageResult:
+    """Open (or reopen) the stage's MLflow run, run the stage, record its checkpoint and metrics."""
     uri, stage, groups = cfg.mlflow.tracking_uri, cfg.stages[name], [*bench.groups, "all"]
     record = state.stages.get(name)
     if record is None:
@@ -212,11 +220,27 @@ def run_one_stage(cfg: Config, bench: Benchmark, state: PipelineState, name: str
     console.say(f"[{name}] starting ({stage.kind}, {method_tag(cfg, name)}) on {cfg.ray.num_workers} workers")
     with progress.epoch_bar(cfg, name, record.run_id):
         result = run_stage(job)
-    record.done, record.checkpoint, record.metrics = True, result.checkpoint, result.metrics
+    record.checkpoint, record.metrics = result.checkpoint, result.metrics
     state.save()
     console.say(progress.evaluation_line(name, result.metrics, cfg.eval.select, groups))
-    finish_stage(cfg, bench, name, record.run_id, result.checkpoint, result.metrics, state.parent_run_id)
-    open_runs.remove(record.run_id)
+    return result
+
+
+def finish_one_stage(cfg: Config, bench: Benchmark, state: PipelineState, name: str, result: StageResult,
+                     open_runs: list[str]) -> str:
+    """Log what a stage left to MLflow and end its run; `drive` runs it while the next stage trains (logging the
+    model takes seconds in which the workers would otherwise wait)."""
+    run_id = state.stages[name].run_id
+    finish_stage(cfg, bench, name, run_id, result.checkpoint, result.metrics, state.parent_run_id)
+    open_runs.remove(run_id)
+    return name
+
+
+def settle(state: PipelineState, finishing: Future[str] | None) -> None:
+    """Wait for a stage's finish (raising its error); then the stage is done, for a rerun to skip."""
+    if finishing is not None:
+        state.stages[finishing.result()].done = True
+        state.save()
 
 
 def resolve_init(cfg: Config, state: PipelineState, name: str) -> str | None:
