@@ -165,9 +165,9 @@ def run(cfg: Config, drive: Callable[[Callable[[Job], StageResult]], None]) -> N
     """One Ray Train run for a pipeline, while `drive` (its stage loop, in a thread) hands it stages.
 
     Ray Train's `fit` stays in the main thread, which keeps its Ctrl-C handling. `drive` gets a function that
-    runs one stage's job on the worker group and returns the stage's result. An error in `drive` ends the run
-    once the workers finish their stage, then is raised here; an error of the run itself (after Ray Train's
-    retries) or Ctrl-C ends `drive` at its next wait.
+    runs one stage's job on the worker group and returns the stage's result. An error in `drive` cancels the
+    stage in progress (the workers stop after their epoch) and ends the run, then is raised here; an error of
+    the run itself (after Ray Train's retries) or Ctrl-C ends `drive` at its next wait.
     """
     mailbox = new_mailbox()
     failed: list[BaseException] = []
