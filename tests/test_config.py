@@ -77,7 +77,8 @@ def test_shipped_recipes_validate_without_their_data_and_match_the_reference(tmp
                         "epochs (a short trial reaches a rung at a lower learning rate); set "
                         "stages.um.schedule_epochs: 6 (the space's maximum; now None)"),
         ((EPOCHS_SEARCH, "stages.um.schedule_epochs=5"), "set stages.um.schedule_epochs: 6 (the space's maximum; now 5)"),
-        ("stages.um.schedule_epochs=2", "stages.um.schedule_epochs: the schedule must span at least the 3 trained epochs"),
+        (("stages.um.epochs=3", "stages.um.schedule_epochs=2"),
+         "stages.um.schedule_epochs: the schedule must span at least the 3 trained epochs"),
         # a mask without forget is plain edge-popup, not UMAP
         ("stages.umap.forget=null", "stages.umap.mask: UMAP needs `forget` (the loss floor) in the same stage, else "
                                     "this trains plain edge-popup; add forget: {estimate: <estimate stage>} or "
