@@ -4,7 +4,7 @@
 
 Runs `oodlab tune`'s sweep (`oodlab.tuning.sweep.run`, random search over the learning rate, FIFO) of tiny
 trials on the packaged digits benchmark: resnet_tiny_cifar, 2 Ray Train workers of 0.5 CPU per trial, so on
-this 2-core machine one trial runs at a time; 8 epochs make a trial of about 30 s here. Per trial, from
+this 2-core machine one trial runs at a time; 8 epochs make a trial of 25-30 s here. Per trial, from
 MLflow: its wall time (the trial run's start to end), its training (the sum of rank 0's `epoch_seconds`,
 evaluation included), its stage start-up (`stage_startup_seconds`) and the gap since the previous trial
 ended (Tune starting the next one). Overhead = wall - training + gap: the stage starting on the worker
