@@ -52,7 +52,7 @@ class Mailbox:
         """No more jobs: the workers end their Ray Train run once the posted ones are done (cancelled ones stop
         after their epoch)."""
         self.closed = True
-        self.cancelled |= set(range(self.finished, len(self.jobs)))
+        self.cancel_unfinished()
 
     def end(self, why: str) -> None:
         self.ended = why
@@ -94,8 +94,11 @@ class Mailbox:
     def release(self, holder: str) -> None:
         """Free the group if `holder` holds it, cancelling what it left unfinished (a trial Tune stopped)."""
         if self.holder == holder:
-            self.cancelled |= set(range(self.finished, len(self.jobs)))
+            self.cancel_unfinished()
             self.holder = None
+
+    def cancel_unfinished(self) -> None:
+        self.cancelled |= set(range(self.finished, len(self.jobs)))
 
 
 def new_mailbox() -> Any:
@@ -136,6 +139,11 @@ def take(mailbox: Any, index: int) -> dict[str, Any] | str:
     while (job := ray.get(mailbox.job.remote(index))) is None:
         time.sleep(POLL_S)
     return job
+
+
+def fit_group(cfg: Config, mailbox: Any, name: str | None = None) -> None:
+    """Run a worker group on the jobs of `mailbox` until it closes (Ray Train's `fit`; raises its error)."""
+    trainer(cfg, {"mailbox": mailbox}, loop=stages_loop, name=name).fit()
 
 
 def run_job(mailbox: Any, cfg: Config, job: Job,
@@ -183,7 +191,7 @@ def run(cfg: Config, drive: Callable[[Callable[[Job], StageResult]], None]) -> N
     thread = threading.Thread(target=driver, name="oodlab-stages", daemon=True)
     thread.start()
     try:
-        trainer(cfg, {"mailbox": mailbox}, loop=stages_loop).fit()
+        fit_group(cfg, mailbox)
     finally:
         ray.get(mailbox.end.remote("the Ray Train run ended"))
         thread.join()
@@ -217,7 +225,7 @@ class Pool:
         to whoever waits on it."""
         why = "the worker group's Ray Train run ended"
         try:
-            trainer(cfg, {"mailbox": mailbox}, loop=stages_loop, name=name).fit()
+            fit_group(cfg, mailbox, name)
         except Exception as err:
             why = f"the worker group's Ray Train run failed: {type(err).__name__}: {err}"
         ray.get(mailbox.end.remote(why))
