@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodlab.config import TrainStage
-from oodlab.losses import BackgroundSpec, background_loss, flooded
+from oodlab.losses import BackgroundSpec, PositionLogits, background_loss, flooded
 from oodlab.masking import attach_masks, set_trainable
 from oodlab.models import FeatureNet
 
@@ -49,7 +49,7 @@ class TrainMethod:
             set_trainable(net.model, weights=self.stage.mask.train_weights, scores=True)
         return [p for p in net.parameters() if p.requires_grad]
 
-    def loss(self, logits: torch.Tensor, fmap: torch.Tensor, labels: torch.Tensor, classifier: nn.Linear,
+    def loss(self, logits: torch.Tensor, fmap: torch.Tensor, labels: torch.Tensor, position_logits: PositionLogits,
              epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """The batch objective and what to log about it (batch means; tensors stay on the device)."""
         ce = F.cross_entropy(logits, labels)
@@ -59,8 +59,7 @@ class TrainMethod:
             loss = flooded(ce, self.threshold, self.stage.forget.beta)
         bg = self.stage.background
         if self.background is not None and epoch >= bg.warmup_epochs:
-            bias = classifier.bias if classifier.bias is not None else torch.zeros_like(classifier.weight[:, 0])
-            term, bg_stats = background_loss(fmap, classifier.weight, bias, labels, self.background)
+            term, bg_stats = background_loss(fmap, position_logits, labels, self.background)
             loss = loss + bg.weight * term
             stats.update({"bg_term": term.detach(), **{f"bg_{k}": v for k, v in bg_stats.items()}})
         return loss, stats

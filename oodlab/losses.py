@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+# (fmap (N, C, H, W), classes (N,) or None) -> each position's logits (N, K, H, W), or its class's (N, H, W):
+# FeatureNet.position_logits (for a global-average-pooled linear head, W f_ij + b)
+PositionLogits = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 __all__ = ["flooded", "BackgroundSpec", "select_background", "background_loss", "oe_loss"]
 
@@ -28,10 +33,12 @@ def flooded(loss: torch.Tensor, level: float, beta: float = 1.0) -> torch.Tensor
 class BackgroundSpec:
     """How background positions of the last feature map are selected and penalised.
 
-    select:    ``lowest``: per image the ``ratio`` fraction of positions with the lowest true-class activation
-               ``w_y . f_ij`` (count ``max(1, round(ratio * H * W))``, Python round; ties: lower flat index first);
-               ``threshold``: positions with ``softmax(W f_ij + b)[y] <= threshold`` (may select none);
-               ``topk``: positions where ``y`` is not among the ``topk`` largest logits of ``W f_ij + b``.
+    select:    ``lowest``: per image the ``ratio`` fraction of positions with the lowest true-class position logit
+               ``z_ij[y]`` (count ``max(1, round(ratio * H * W))``, Python round; ties: lower flat index first);
+               ``threshold``: positions with ``softmax(z_ij)[y] <= threshold`` (may select none);
+               ``topk``: positions where ``y`` is not among the ``topk`` largest logits of ``z_ij``.
+               ``z_ij`` are the position logits of the model's head, ``W f_ij + b`` for a pooled linear head (then
+               ``lowest`` ranks by the class activation map ``w_y . f_ij``, the bias being the same everywhere).
     norm:      penalty per selected position: ``l2`` ``||f||``, ``l2sq`` ``||f||^2``,
                ``hinge`` ``max(0, ||f|| - margin)``.
     """
@@ -58,49 +65,36 @@ class BackgroundSpec:
             raise ValueError(f"margin (of the hinge norm) must be >= 0; got {self.margin}")
 
 
-def _lowest_true_class_activation(
-    fmap: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ratio: float
-) -> torch.Tensor:
-    n, _, h, w = fmap.shape
-    cam = torch.einsum("nc,nchw->nhw", weight[labels], fmap).reshape(n, h * w)
+def _lowest(cam: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The `ratio` fraction of positions with the lowest true-class logit per image (ties: lower flat index)."""
+    n, h, w = cam.shape
     count = max(1, round(ratio * h * w))
-    lowest = cam.sort(dim=1, stable=True).indices[:, :count]
-    selected = torch.zeros_like(cam, dtype=torch.bool).scatter_(1, lowest, True)
+    lowest = cam.reshape(n, h * w).sort(dim=1, stable=True).indices[:, :count]
+    selected = torch.zeros(n, h * w, dtype=torch.bool, device=cam.device).scatter_(1, lowest, True)
     return selected.reshape(n, h, w)
-
-
-def _position_logits(fmap: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``z_ij = W f_ij + b`` for every position: (N, K, H, W)."""
-    return torch.einsum("kc,nchw->nkhw", weight, fmap) + bias[:, None, None]
 
 
 @torch.no_grad()
 def select_background(
-    fmap: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor, spec: BackgroundSpec
+    fmap: torch.Tensor, position_logits: PositionLogits, labels: torch.Tensor, spec: BackgroundSpec
 ) -> torch.Tensor:
     """Boolean (N, H, W) mask of the background positions of ``fmap`` (N, C, H, W).
 
-    ``weight`` (K, C) and ``bias`` (K,) are the current linear head; computed without gradient, in float32
-    (also under autocast).
+    ``position_logits`` is the current head's per-position logits (see ``PositionLogits``); computed without
+    gradient, in float32 (also under autocast).
     """
-    fmap, weight, bias = fmap.detach().float(), weight.detach().float(), bias.detach().float()
+    fmap = fmap.detach().float()
     with torch.autocast(fmap.device.type, enabled=False):
-        return _select(fmap, weight, bias, labels, spec)
-
-
-def _select(
-    fmap: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor, spec: BackgroundSpec
-) -> torch.Tensor:
-    if spec.select == "lowest":
-        return _lowest_true_class_activation(fmap, weight, labels, spec.ratio)
-    logits = _position_logits(fmap, weight, bias)
-    true_class = labels[:, None, None, None].expand(-1, 1, *logits.shape[2:])
-    if spec.select == "threshold":
-        return logits.softmax(dim=1).gather(1, true_class).squeeze(1) <= spec.threshold
-    if spec.topk >= logits.shape[1]:
-        raise ValueError(f"topk must be < the number of classes ({logits.shape[1]}); got {spec.topk}")
-    top = logits.topk(spec.topk, dim=1).indices
-    return ~(top == true_class).any(dim=1)
+        if spec.select == "lowest":
+            return _lowest(position_logits(fmap, labels), spec.ratio)
+        logits = position_logits(fmap, None).float()
+        true_class = labels[:, None, None, None].expand(-1, 1, *logits.shape[2:])
+        if spec.select == "threshold":
+            return logits.softmax(dim=1).gather(1, true_class).squeeze(1) <= spec.threshold
+        if spec.topk >= logits.shape[1]:
+            raise ValueError(f"topk must be < the number of classes ({logits.shape[1]}); got {spec.topk}")
+        top = logits.topk(spec.topk, dim=1).indices
+        return ~(top == true_class).any(dim=1)
 
 
 def _position_penalty(fmap: torch.Tensor, spec: BackgroundSpec) -> torch.Tensor:
@@ -112,14 +106,14 @@ def _position_penalty(fmap: torch.Tensor, spec: BackgroundSpec) -> torch.Tensor:
 
 
 def background_loss(
-    fmap: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor, spec: BackgroundSpec
+    fmap: torch.Tensor, position_logits: PositionLogits, labels: torch.Tensor, spec: BackgroundSpec
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean penalty over the selected background positions (0 if none), NOT multiplied by ``bg_weight``.
 
     Gradients flow through ``fmap`` at selected positions only; the selection is detached. Also returns logging
     stats: ``selected_fraction``, ``norm_selected`` / ``norm_unselected`` (mean ``||f_ij||``, 0 when empty).
     """
-    selected = select_background(fmap, weight, bias, labels, spec)
+    selected = select_background(fmap, position_logits, labels, spec)
     count = selected.sum()
     term = torch.where(selected, _position_penalty(fmap, spec), 0.0).sum() / count.clamp(min=1)
     with torch.no_grad():

@@ -41,5 +41,14 @@ class Head:
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         return features @ self.weight.T + self.bias
 
+    def position_logits(self, fmap: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """z_ij = W f_ij + b at every position of a feature map (N, C, H, W) that is global-average-pooled into this
+        head (the mean over positions is the logits): (N, K, H, W), or with `classes` (N,) each sample's own class
+        only (N, H, W)."""
+        weight, bias = self.weight.to(fmap.dtype), self.bias.to(fmap.dtype)
+        if classes is None:
+            return torch.einsum("kc,nchw->nkhw", weight, fmap) + bias[:, None, None]
+        return torch.einsum("nc,nchw->nhw", weight[classes], fmap) + bias[classes][:, None, None]
+
     def cpu(self) -> Head:
         return Head(self.weight.cpu(), self.bias.cpu())

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from oodlab.losses import BackgroundSpec, background_loss, flooded, oe_loss, select_background
+from oodlab.outputs import Head
 
 # --- the UM floor -------------------------------------------------------------------------------------------
 
@@ -51,12 +52,13 @@ def test_flooded_invalid(kwargs, field):
 #                       p2 e^2/(e^2+e^1.1+e^.5) = 0.6136, p3 1/(1+e^.1+e^.5) = 0.2664
 # softmax[2] (image 1): p0 1.6487/5.4722 = 0.3013, p1 1.6487/5.6529 = 0.2917,
 #                       p2 1.6487/12.0420 = 0.1369, p3 1.6487/3.7539 = 0.4392
-# CAM_y = w_y . f: image 0 (1, 0, 2, 0); image 1 all 0 (ties everywhere -> lowest flat index first).
+# z_ij[y] = w_y . f + b_y: image 0 (1, 0, 2, 0); image 1 all 0.5 (ties everywhere -> lowest flat index first).
 
 FMAP = torch.tensor([[[1.0, 0.0], [2.0, 0.0]], [[0.0, 1.0], [1.0, 0.0]]]).expand(2, 2, 2, 2)
 WEIGHT = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
 BIAS = torch.tensor([0.0, 0.1, 0.5])
 LABELS = torch.tensor([0, 2])
+HEAD = Head(WEIGHT, BIAS).position_logits  # a pooled linear head: z_ij = W f_ij + b
 
 
 def positions(image0: list[int], image1: list[int]) -> torch.Tensor:
@@ -81,20 +83,21 @@ def positions(image0: list[int], image1: list[int]) -> torch.Tensor:
     ],
 )
 def test_selection_rules(spec, image0, image1):
-    selected = select_background(FMAP, WEIGHT, BIAS, LABELS, spec)
+    selected = select_background(FMAP, HEAD, LABELS, spec)
     assert selected.dtype == torch.bool and selected.shape == (2, 2, 2)
     assert torch.equal(selected, positions(image0, image1))
 
 
 def test_threshold_uses_bias():
     # without the bias: image 0 softmax[0] at p1 is 1/(2+e) = 0.2119 > 0.2 -> nothing selected there
-    selected = select_background(FMAP, WEIGHT, torch.zeros(3), LABELS, BackgroundSpec("threshold", threshold=0.2))
+    no_bias = Head(WEIGHT, torch.zeros(3)).position_logits
+    selected = select_background(FMAP, no_bias, LABELS, BackgroundSpec("threshold", threshold=0.2))
     assert not selected[0].any()
 
 
 def test_topk_must_be_below_num_classes():
     with pytest.raises(ValueError, match="topk"):
-        select_background(FMAP, WEIGHT, BIAS, LABELS, BackgroundSpec("topk", topk=3))
+        select_background(FMAP, HEAD, LABELS, BackgroundSpec("topk", topk=3))
 
 
 @pytest.mark.parametrize(
@@ -133,7 +136,7 @@ SQRT5 = math.sqrt(5)
 )
 def test_background_loss_norms(norm, margin, expected):
     spec = BackgroundSpec("topk", topk=2, norm=norm, margin=margin)
-    term, stats = background_loss(FMAP, WEIGHT, BIAS, LABELS, spec)
+    term, stats = background_loss(FMAP, HEAD, LABELS, spec)
     assert term.item() == pytest.approx(expected)
     assert stats == pytest.approx(
         {
@@ -148,9 +151,9 @@ def test_gradient_only_through_selected_features():
     fmap = FMAP.clone().requires_grad_()
     weight, bias = WEIGHT.clone().requires_grad_(), BIAS.clone().requires_grad_()
     spec = BackgroundSpec("topk", topk=2)
-    selected = select_background(fmap, weight, bias, LABELS, spec)
+    selected = select_background(fmap, Head(weight, bias).position_logits, LABELS, spec)
     assert not selected.requires_grad
-    term, _ = background_loss(fmap, weight, bias, LABELS, spec)
+    term, _ = background_loss(fmap, Head(weight, bias).position_logits, LABELS, spec)
     term.backward()
     # d/df of ||f|| / 3 = f / (3 ||f||) at selected p; the zero vector at p3 gets the subgradient 0
     expected = torch.zeros(2, 2, 2, 2)
@@ -162,7 +165,7 @@ def test_gradient_only_through_selected_features():
 
 def test_empty_selection_is_exactly_zero_without_nan():
     fmap = FMAP.clone().requires_grad_()
-    term, stats = background_loss(fmap, WEIGHT, BIAS, LABELS, BackgroundSpec("threshold", threshold=0.1))
+    term, stats = background_loss(fmap, HEAD, LABELS, BackgroundSpec("threshold", threshold=0.1))
     term.backward()
     assert term.item() == 0.0
     assert torch.equal(fmap.grad, torch.zeros_like(fmap))
@@ -173,10 +176,10 @@ def test_empty_selection_is_exactly_zero_without_nan():
 
 def test_low_precision_and_autocast_give_float32_term():
     spec = BackgroundSpec("topk", topk=2)
-    term, _ = background_loss(FMAP.half(), WEIGHT.half(), BIAS.half(), LABELS, spec)
+    term, _ = background_loss(FMAP.half(), Head(WEIGHT.half(), BIAS.half()).position_logits, LABELS, spec)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        selected = select_background(FMAP, WEIGHT, BIAS, LABELS, spec)
-        autocast_term, _ = background_loss(FMAP, WEIGHT, BIAS, LABELS, spec)
+        selected = select_background(FMAP, HEAD, LABELS, spec)
+        autocast_term, _ = background_loss(FMAP, HEAD, LABELS, spec)
     assert torch.equal(selected, positions([1, 3], [2]))
     assert term.dtype == autocast_term.dtype == torch.float32
     assert term.item() == pytest.approx((1 + SQRT5) / 3, rel=1e-3)

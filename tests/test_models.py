@@ -1,4 +1,4 @@
-"""Models: the CIFAR nets in timm's registry, their classifier interface, and FeatureNet on top of them."""
+"""Models: the CIFAR nets and lenet in timm's registry, their classifier interface, and FeatureNet on top of them."""
 
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def test_unknown_name_suggests_close_matches(typo, intended):
 
 
 def test_registered_names_pass_the_check():
-    for name in CIFAR_NETS:
+    for name in [*CIFAR_NETS, "lenet"]:
         check_model_name(name)
 
 
@@ -124,3 +124,59 @@ def test_timm_imagenet_model_through_feature_net():
     assert fmap.shape == (2, 2048, 2, 2)
     assert pooled.shape == (2, 2048)
     torch.testing.assert_close(logits, expected)
+
+
+# ---------------------------------------------------------------- lenet: the published FMNIST model, no pooled head
+
+
+def test_lenet_shapes_feature_map_and_parameters():
+    model = timm.create_model("lenet", num_classes=10).eval()
+    net = FeatureNet(model)
+    x = images(28)
+    with torch.no_grad():
+        logits, hidden, fmap = net(x)
+        expected = model(x)
+    # 2 x (5x5 conv 32 / 64, ReLU, 2x2 max-pool) -> 64x7x7 post-ReLU map; fc 3136 -> 256 (ReLU) -> 10
+    assert fmap.shape == (2, 64, 7, 7) and (fmap >= 0).all()
+    assert hidden.shape == (2, 256) and (hidden >= 0).all()
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(hidden @ net.head().weight.T + net.head().bias, logits)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.kernel_size, c.out_channels) for c in convs] == [((5, 5), 32), ((5, 5), 64)]
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.AdaptiveAvgPool2d)) for m in model.modules())
+    count = sum(p.numel() for p in model.parameters())
+    assert count == (3 * 25 + 1) * 32 + (32 * 25 + 1) * 64 + (3136 + 1) * 256 + (256 + 1) * 10  # 857,738
+    model.reset_classifier(5)
+    with torch.no_grad():
+        assert model(x).shape == (2, 5)
+
+
+def test_lenet_position_logits_decompose_the_logits_exactly():
+    """z_ij = HW * W2 (m * W1_ij f_ij) + W2 (m * b1) + b2: their mean over positions is the logits; on a map that is
+    zero but at one position, that position's logits are HW times its share of the pre-bias logits plus the bias."""
+    net = FeatureNet(timm.create_model("lenet", num_classes=10)).eval()
+    with torch.no_grad():
+        fmap = net.model.forward_features(images(28))
+        logits = net.model.forward_head(fmap)
+        z = net.position_logits(fmap)
+        assert z.shape == (2, 10, 7, 7)
+        torch.testing.assert_close(z.mean(dim=(2, 3)), logits, atol=1e-5, rtol=1e-5)
+        labels = torch.tensor([3, 7])
+        torch.testing.assert_close(net.position_logits(fmap, labels), z[torch.arange(2), labels])
+        one = torch.zeros_like(fmap)
+        one[:, :, 2, 5] = fmap[:, :, 2, 5]
+        fc1, fc2 = net.model.fc1, net.model.fc
+        on = (fc1(one.flatten(1)) > 0).float()
+        share = one.flatten(1) @ fc1.weight.T  # the only position's input to the hidden units
+        expected = 49 * (on * share) @ fc2.weight.T + (on * fc1.bias) @ fc2.weight.T + fc2.bias
+        torch.testing.assert_close(net.position_logits(one)[:, :, 2, 5], expected, atol=1e-4, rtol=1e-5)
+
+
+def test_pooled_heads_position_logits_are_w_f_plus_b():
+    net = FeatureNet(timm.create_model("small_cnn", num_classes=10)).eval()
+    with torch.no_grad():
+        fmap = net.model.forward_features(images(28))
+        z = net.position_logits(fmap)
+        head = net.head()
+        torch.testing.assert_close(z[:, :, 1, 2], fmap[:, :, 1, 2] @ head.weight.T + head.bias)
+        torch.testing.assert_close(z.mean(dim=(2, 3)), net(images(28))[0], atol=1e-5, rtol=1e-5)

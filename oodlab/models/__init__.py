@@ -17,6 +17,7 @@ from oodlab.models import resnet_cifar  # noqa: F401  (registers resnet*_cifar)
 from oodlab.models import densenet_cifar  # noqa: F401  (registers densenet_bc100_cifar)
 from oodlab.models import wrn_cifar  # noqa: F401  (registers wrn40_2_cifar)
 from oodlab.models import small_cnn  # noqa: F401  (registers small_cnn)
+from oodlab.models import lenet  # noqa: F401  (registers lenet)
 from oodlab.outputs import Head
 
 
@@ -59,3 +60,9 @@ class FeatureNet(nn.Module):
         fc = self.classifier
         bias = fc.bias if fc.bias is not None else torch.zeros(fc.weight.shape[0], device=fc.weight.device)
         return Head(weight=fc.weight.detach(), bias=bias.detach())
+
+    def position_logits(self, fmap: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Each position's logits, whose mean over positions is the logits (the background loss selects with them):
+        the model's own `position_logits` where its head is no pooled linear layer (lenet), else W f_ij + b."""
+        own = getattr(self.model, "position_logits", None)
+        return own(fmap, classes) if own is not None else self.head().position_logits(fmap, classes)
