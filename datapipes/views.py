@@ -1,4 +1,5 @@
-"""Views of an ImageSource: a subset of its samples, its images resized to a square, a held-out split."""
+"""Views of an ImageSource: a subset of its samples, its images resized to a square or padded, a held-out split,
+several sources one after another."""
 
 from __future__ import annotations
 
@@ -92,3 +93,30 @@ def first_of_shuffle(source: ImageSource, limit: int, seed: int = 0) -> ImageSou
         return source
     indices = np.sort(np.random.default_rng(seed).permutation(len(source))[:limit])
     return SubsetSource(source, indices, source.name)
+
+
+class PadSource(ImageSource):
+    """`inner`'s images with a black border of `fraction` x their longer side on each side (an object brought to
+    the middle of a dark frame, as MNIST's 20 px digits sit in 28 px)."""
+
+    def __init__(self, inner: ImageSource, fraction: float):
+        self.inner, self.fraction = inner, fraction
+        super().__init__(inner.name, inner.classes, inner.labels, inner.skipped)
+
+    def load(self, index: int) -> np.ndarray:
+        image = self.inner.load(index)
+        border = round(self.fraction * max(image.shape[:2]))
+        return np.pad(image, ((border, border), (border, border), (0, 0)))
+
+
+class ConcatSource(ImageSource):
+    """The samples of `parts`, one source after another (unlabeled: for OOD sets drawn from several sources)."""
+
+    def __init__(self, parts: list[ImageSource], name: str):
+        self.parts = parts
+        self.offsets = np.cumsum([0, *(len(p) for p in parts)])
+        super().__init__(name, [], np.full(int(self.offsets[-1]), -1), [s for p in parts for s in p.skipped])
+
+    def load(self, index: int) -> np.ndarray:
+        part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.parts[part].load(index - int(self.offsets[part]))

@@ -19,28 +19,29 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from oodlab.config import Config, EvalConfig, TrainStage, to_dict
-from oodlab.datapipes.benchmarks import Benchmark, get_benchmark
+from oodlab.datapipes.benchmarks import Benchmark, floors, get_benchmark
 from oodlab.distributed import checkpoint, tracking
 from oodlab.distributed.evaluate import VAL, Evaluation
 from oodlab.distributed.tracking import RunLogger
 from oodlab.distributed.tracking_buffer import replayable
 from oodlab.models import create_model
 from oodlab.plots import epoch_curve_figure, histogram_figure, roc_figure
-from oodlab.report import html_images, html_page, html_pre, html_table, metrics_csv, metrics_markdown, score_table
+from oodlab.report import (FLOOR_NOTE, html_images, html_page, html_pre, html_table, metrics_csv, metrics_markdown,
+                           score_table)
 
 REPORT = "report.html"
 
 
-def log_final_artifacts(log: RunLogger | None, ev: Evaluation | None, bench: Benchmark, eval_cfg: EvalConfig,
-                        epoch: int | None) -> None:
+def log_final_artifacts(log: RunLogger | None, ev: Evaluation | None, bench: Benchmark, root: Path,
+                        eval_cfg: EvalConfig, epoch: int | None) -> None:
     """Metrics table (CSV + markdown), ROC curves and score histograms per score, cached scores (npz),
     and for training runs the per-epoch OOD curve with the best-OOD (validation) and final epochs marked."""
     if log is None or ev is None:
         return
     run = log.run_name()
-    columns = [*bench.ood_test, *bench.groups, "all", VAL]
+    columns = [*bench.ood_test, *bench.table_columns, VAL]
     log.text(metrics_csv(ev.metrics, ev.id_acc), "metrics.csv")
-    log.text(metrics_markdown(ev.metrics, ev.id_acc, columns), "metrics.md")
+    log.text(metrics_markdown(ev.metrics, ev.id_acc, columns, floors(bench, root)), "metrics.md")
     for score, per_split in ev.scores.items():
         log.figure(roc_figure(run, score, ev.roc_curves(score, list(bench.ood_test))), f"roc_{score}.png")
         log.figure(histogram_figure(run, score, per_split["id_test"], {s: per_split[s] for s in bench.ood_test}),
@@ -85,7 +86,7 @@ def finish_stage(cfg: Config, bench: Benchmark, stage: str, run_id: str, checkpo
                  metrics: Mapping[str, float], pipeline_run_id: str) -> None:
     """Record a finished stage, then end its run: every split as a dataset input, a training stage's final model as
     an MLflow model at its last epoch, and the stage's headline numbers on the pipeline's run."""
-    headline = tracking.stage_headline(stage, metrics, cfg.eval.select, [*bench.groups, "all"])
+    headline = tracking.stage_headline(stage, metrics, cfg.eval.select, bench.table_columns)
     folder = tracking.buffer_folder(cfg)
     RunLogger(cfg.mlflow.tracking_uri, pipeline_run_id, folder).metrics(headline, step=0)
     RunLogger(cfg.mlflow.tracking_uri, run_id, folder).send(record_stage, config=to_dict(cfg), stage=stage,
@@ -131,11 +132,12 @@ def write_report(log: RunLogger, config: dict, title: str, models: Mapping[str, 
     bench = get_benchmark(cfg.data.benchmark)
     scored = {name: run.data.metrics for name, run in runs.items() if "id_acc" in run.data.metrics}
     select = cfg.eval.select
-    columns = [*bench.ood_test, *bench.groups, "all", VAL]
+    columns = [*bench.ood_test, *bench.table_columns, VAL]
     scores = [s for s in dict.fromkeys([select, *cfg.eval.final_scores, *cfg.eval.scores])
               if any(f"ood/{s}/all/auroc" in m for m in scored.values())]
     sections = [*extra]
-    sections += [(f"Score {score}", score_table(scored, score, columns)) for score in scores]
+    by_column = floors(bench, cfg.data.root)
+    sections += [(f"Score {score}", score_table(scored, score, columns, by_column)) for score in scores]
     thresholds = forgetting_thresholds(runs)
     if thresholds:
         sections.append(("Forgetting threshold", html_table(["run", "threshold (train CE)", "what"], thresholds)))
@@ -143,7 +145,9 @@ def write_report(log: RunLogger, config: dict, title: str, models: Mapping[str, 
     sections.append(("Config", html_pre(yaml.safe_dump(to_dict(cfg), sort_keys=False))))
     intro = (f"Benchmark {bench.name}. Percent; fpr95: OOD samples accepted at 95% ID recall (ID positive, lower is "
              f"better); auroc: higher is better; the best value of each column in bold; {VAL}: the OOD validation "
-             "split (what selection may use), all other OOD columns are test sets.")
+             f"split (what selection may use), all other OOD columns are test sets; {FLOOR_NOTE}.")
+    if bench.outside_all:
+        intro += f" Reported on their own, not in all: {', '.join(bench.outside_all)}."
     if bench.val_overlaps:
         intro += (f" Marked: {', '.join(bench.val_overlaps)} shares data with the OOD validation split (declared in "
                   "the benchmark), so tuning may flatter it; it is left out of every group average and of all.")

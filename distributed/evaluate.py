@@ -125,6 +125,6 @@ def evaluate(
 
 def _score_metrics(values: dict[str, np.ndarray], bench: Benchmark) -> dict[str, dict[str, float]]:
     per_set = {s: ood_metrics(values["id_test"], values[s]) for s in bench.ood_test}
-    summary = summarize(per_set, bench.groups, exclude=bench.val_overlaps)
+    summary = summarize(per_set, bench.groups, bench.all_sets)
     summary[VAL] = ood_metrics(values["id_val"], values["ood_val"])
     return summary

@@ -20,7 +20,8 @@ import yaml
 from oodlab import console, storage
 from oodlab.atomic import write_text
 from oodlab.config import Config, ConfigError, TrainStage, check_unchanged, flatten, to_dict
-from oodlab.datapipes.benchmarks import Benchmark, for_config
+from oodlab.datapipes import floor
+from oodlab.datapipes.benchmarks import Benchmark, floors, for_config
 from oodlab.distributed import checkpoint, progress, session, tracking
 from oodlab.distributed.artifacts import finish_stage, log_report
 from oodlab.distributed.launch import StageResult, check_address, check_resources, ensure_ray
@@ -171,7 +172,7 @@ def run_stages(cfg: Config, bench: Benchmark, state: PipelineState, launch: Laun
                open_runs: list[str]) -> None:
     """Each stage not done yet, in order: all in one Ray Train run (`session`), or each through `launch`.
     `open_runs` lists the MLflow runs a failure must end."""
-    tracking.share_runs_view(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.eval.select, [*bench.groups, "all"])
+    tracking.share_runs_view(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.eval.select, bench.table_columns)
     todo = []
     for name in cfg.stages:
         record = state.stages.get(name)
@@ -200,7 +201,7 @@ def run_stages(cfg: Config, bench: Benchmark, state: PipelineState, launch: Laun
 def run_one_stage(cfg: Config, bench: Benchmark, state: PipelineState, name: str,
                   run_stage: Callable[[Job], StageResult], open_runs: list[str]) -> StageResult:
     """Open (or reopen) the stage's MLflow run, run the stage, record its checkpoint and metrics."""
-    uri, stage, groups = cfg.mlflow.tracking_uri, cfg.stages[name], [*bench.groups, "all"]
+    uri, stage, groups = cfg.mlflow.tracking_uri, cfg.stages[name], bench.table_columns
     record = state.stages.get(name)
     if record is None:
         tags = {"oodlab.stage": name, "oodlab.kind": stage.kind, "oodlab.method": method_tag(cfg, name),
@@ -217,6 +218,8 @@ def run_one_stage(cfg: Config, bench: Benchmark, state: PipelineState, name: str
     stage_logger = tracking.RunLogger(uri, record.run_id, tracking.buffer_folder(cfg))
     stage_logger.params({f"stage.{k}": v for k, v in flatten(stage.model_dump(mode="json")).items()}
                         | {"stage.init_checkpoint": job.init, "stage.forget_threshold": job.threshold})
+    if by_column := floors(bench, cfg.data.root):  # the pixel floor beside every OOD number
+        stage_logger.metrics_once(floor.metrics(by_column), step=0)
     console.say(f"[{name}] starting ({stage.kind}, {method_tag(cfg, name)}) on {cfg.ray.num_workers} workers")
     with progress.epoch_bar(cfg, name, record.run_id):
         result = run_stage(job)

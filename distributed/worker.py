@@ -99,18 +99,28 @@ class Worker:
         """Shuffled, augmented, full batches; or (`sequential`) every sample exactly once, for estimation."""
         per_worker = self.cfg.data.batch_size // self.world
         if sequential:
-            return shared_loader(self.bench, self.spec("id_train", per_worker, augment=augment))
+            return shared_loader(self.bench, self.spec("id_train", per_worker, augment=augment, indices=self.train_indices))
         return shared_loader(self.bench, self.spec("id_train", per_worker, augment=True, order=self.cfg.data.order,
-                                                   drop_last=True))
+                                                   drop_last=True, indices=self.train_indices))
+
+    @functools.cached_property
+    def train_indices(self) -> tuple[int, ...] | None:
+        """The id_train samples trained on: all (None), or `data.train_limit` of them (see DataConfig)."""
+        limit = self.cfg.data.train_limit
+        count = read_info(self.bench.path(self.cfg.data.root, "id_train")).count
+        if limit is None or limit >= count:
+            return None
+        return tuple(np.sort(np.random.default_rng(0).permutation(count)[:limit]).tolist())
 
     @functools.cached_property
     def eval_loaders(self) -> dict[str, Any]:
         """One sequential loader per split (the id_train one over the kNN bank), looked up once per stage."""
         per_worker = max(1, self.cfg.data.eval_batch_size // self.world)
         loaders = {s: shared_loader(self.bench, self.spec(s, per_worker)) for s in self.bench.splits if s != "id_train"}
-        n_train = read_info(self.bench.path(self.cfg.data.root, "id_train")).count
-        bank = np.linspace(0, n_train - 1, min(n_train, self.cfg.eval.knn_bank_size)).round().astype(int)
-        loaders["id_train"] = shared_loader(self.bench, self.spec("id_train", per_worker, indices=tuple(bank.tolist())))
+        trained = self.train_indices or range(read_info(self.bench.path(self.cfg.data.root, "id_train")).count)
+        bank = np.linspace(0, len(trained) - 1, min(len(trained), self.cfg.eval.knn_bank_size)).round().astype(int)
+        loaders["id_train"] = shared_loader(self.bench, self.spec("id_train", per_worker,
+                                                                  indices=tuple(trained[i] for i in bank)))
         return loaders
 
     def evaluate(self, net: FeatureNet, scores: list[str]) -> Evaluation | None:
@@ -274,7 +284,7 @@ def run_train(worker: Worker, stage: TrainStage) -> None:
         worker.report(metrics, epoch, net, training_state(worker, net, opt, sched, loader, epoch))
     if start == stage.epochs:  # resumed from the last epoch's checkpoint: its final artifacts may be missing
         evaluation = worker.evaluate(net, cfg.eval.final_scores)
-    log_final_artifacts(worker.log, evaluation, worker.bench, cfg.eval, stage.epochs - 1)
+    log_final_artifacts(worker.log, evaluation, worker.bench, cfg.data.root, cfg.eval, stage.epochs - 1)
 
 
 def training_state(worker: Worker, net: FeatureNet, opt, sched, loader, epoch: int) -> dict[str, Any]:
@@ -319,7 +329,7 @@ def train_epoch(ddp: torch.nn.Module, net: FeatureNet, loader, opt, sched, metho
     for step, (x, y) in enumerate(loader):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.cfg.ray.amp):
             logits, _, fmap = ddp(x)
-        loss, stats = method.loss(logits.float(), fmap.float(), y, net.classifier, epoch)
+        loss, stats = method.loss(logits.float(), fmap.float(), y, net.position_logits, epoch)
         if not finite_everywhere(loss):
             raise StageError(f"the loss is not finite (nan or inf) at epoch {epoch + 1}, step {step + 1}; nothing "
                              "after the last checkpoint was saved. Lower the learning rate or check the data")
@@ -388,4 +398,4 @@ def run_eval(worker: Worker) -> None:
     net = worker.place(worker.model())
     evaluation = worker.evaluate(net, worker.cfg.eval.final_scores)
     worker.report(evaluation.flat() if evaluation is not None else {}, epoch=0)
-    log_final_artifacts(worker.log, evaluation, worker.bench, worker.cfg.eval, None)
+    log_final_artifacts(worker.log, evaluation, worker.bench, worker.cfg.data.root, worker.cfg.eval, None)

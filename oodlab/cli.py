@@ -17,7 +17,7 @@ from pathlib import Path
 
 from oodlab import config as config_mod
 from oodlab.errors import StageFailed
-from oodlab.report import markdown
+from oodlab.report import FLOOR_NOTE, markdown, set_table
 from oodlab.storage import local_root
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -153,18 +153,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     raw["name"] = f"{cfg.name}-eval"
     raw["stages"] = {"eval": {"kind": "eval", "init": str(args.checkpoint)}}
     cfg = config_mod.validate(raw, Path.cwd())
-    from oodlab.datapipes.benchmarks import get_benchmark
+    from oodlab.datapipes.benchmarks import floors, get_benchmark
     from oodlab.distributed import pipeline
 
     state = pipeline.run(cfg, restart=True)
     flat = state.stages["eval"].metrics
     bench = get_benchmark(cfg.data.benchmark)
-    groups = [*bench.groups, "all", "val"]
-    head = ["score"] + [f"{g} {m}" for g in groups for m in ("fpr95", "auroc")]
-    rows = [[s] + [f"{flat[f'ood/{s}/{g}/{m}']:.2f}" for g in groups for m in ("fpr95", "auroc")]
-            for s in cfg.eval.final_scores]
-    print(f"\nID accuracy {flat['id_acc']:.2f}%  (fpr95: ID positive, lower is better; val = OOD validation split)")
-    print(markdown(head, rows))
+    print(f"\nID accuracy {flat['id_acc']:.2f}%. Per OOD set and group ({FLOOR_NOTE}; val = the OOD validation split):")
+    print(markdown(*set_table(flat, cfg.eval.final_scores, bench.groups, bench.outside_all,
+                              floors(bench, cfg.data.root))))
     return 0
 
 
@@ -224,15 +221,11 @@ def cmd_mlflow_upload(args: argparse.Namespace) -> int:
 
 def print_comparison(cfg: config_mod.Config, runs: dict[str, dict[str, float]]) -> None:
     from oodlab.datapipes.benchmarks import get_benchmark
-    from oodlab.report import comparison
+    from oodlab.datapipes.tables import results_text
 
-    scored = {name: m for name, m in runs.items() if "id_acc" in m}
-    if not scored:
-        return
-    groups = [*get_benchmark(cfg.data.benchmark).groups, "all"]
-    head, rows = comparison(scored, cfg.eval.select, groups)
-    print(f"\nResults ({cfg.eval.select} score; fpr95 = OOD accepted at 95% ID recall, ID positive; percent)")
-    print(markdown(head, rows))
+    text = results_text(get_benchmark(cfg.data.benchmark), cfg.data.root, runs, cfg.eval.select)
+    if text:
+        print(text)
 
 
 def add_data_commands(sub: argparse._SubParsersAction) -> None:

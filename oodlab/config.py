@@ -53,6 +53,9 @@ class DataConfig(Section):
     loader_threads: PositiveInt = 1  # FFCV threads per Ray worker; at most the worker's CPUs
     os_cache: bool = True  # FFCV: read through the OS page cache (True) or its own process cache
     order: Literal["random", "quasi_random"] = "random"  # train order; quasi_random is single-process only
+    # train on a fixed subset of id_train: this many samples, the first of a permutation seeded 0 (the same for every
+    # seed); the estimate stage and the kNN / Mahalanobis bank use the same subset. None: all of id_train
+    train_limit: PositiveInt | None = None
 
 
 class ModelConfig(Section):

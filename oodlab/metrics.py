@@ -160,11 +160,13 @@ def _mean_metrics(per_set: dict[str, dict[str, float]], names: list[str]) -> dic
 
 
 def summarize(per_set: dict[str, dict[str, float]], groups: dict[str, list[str]],
-              exclude: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
-    """Per-set metrics plus an equal-weight mean per non-empty group (e.g. "near", "far") and over all sets.
+              all_sets: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Per-set metrics plus an equal-weight mean per non-empty group (e.g. "near", "far") and over `all_sets`
+    (default every set).
 
     Returns ``{set: metrics, ..., group: mean, ..., "all": mean}``; every set must carry the same metric keys.
-    Sets in `exclude` (e.g. those sharing data with the OOD validation set) are reported but left out of "all".
+    Sets left out of `all_sets` (a group reported on its own, or sets sharing data with the OOD validation set)
+    are reported but not in "all".
     """
     if not per_set:
         raise ValueError("per_set is empty; pass the metrics of at least one OOD set")
@@ -182,5 +184,8 @@ def summarize(per_set: dict[str, dict[str, float]], groups: dict[str, list[str]]
             raise ValueError(f"groups[{group!r}] names OOD sets without metrics: {missing}; known: {sorted(per_set)}")
     summary = {name: dict(metrics) for name, metrics in per_set.items()}
     summary.update({group: _mean_metrics(per_set, members) for group, members in groups.items() if members})
-    summary["all"] = _mean_metrics(per_set, [name for name in per_set if name not in exclude])
+    unknown = [s for s in all_sets or [] if s not in per_set]
+    if unknown or all_sets == []:
+        raise ValueError(f"all_sets names OOD sets without metrics: {unknown or '[]'}; known: {sorted(per_set)}")
+    summary["all"] = _mean_metrics(per_set, list(per_set) if all_sets is None else all_sets)
     return summary

@@ -7,8 +7,9 @@ PYTHON=${PYTHON:-python3}
 
 # FFCV 1.0.2 builds from source against Debian's OpenCV and libturbojpeg, and links them at run time.
 packages="pkg-config libopencv-dev libturbojpeg0-dev"
-# The fmnist benchmark (and the demo) read Fashion-MNIST's original idx files that Debian packages.
-packages="$packages dataset-fashion-mnist"
+# The fmnist benchmark (and the demo) read Fashion-MNIST's original idx files that Debian packages, and render
+# notMNIST-style letters from the fonts of these three packages (datapipes/glyphs.py).
+packages="$packages dataset-fashion-mnist fonts-urw-base35 fonts-liberation fonts-freefont-ttf"
 # The browser test renders the MLflow UI in Debian's headless Chromium, driven by its chromedriver.
 packages="$packages chromium chromium-driver"
 # PostgreSQL server binaries: tests/test_mlflow_server.py runs a real MLflow server on a PostgreSQL store.

@@ -88,7 +88,7 @@ def test_declared_overlap_is_reported_but_left_out_of_every_average():
     assert bench.val_overlaps == ("openimage_o",) and "openimage_o" in bench.ood_test
     assert bench.groups == {"near": ["ssb_hard", "ninco"], "far": ["inaturalist", "textures"]}
     per_set = {s: {"auroc": float(i)} for i, s in enumerate(bench.ood_test)}
-    summary = summarize(per_set, bench.groups, exclude=bench.val_overlaps)
+    summary = summarize(per_set, bench.groups, bench.all_sets)
     assert summary["openimage_o"] == {"auroc": 4.0} and summary["all"] == {"auroc": 1.5}  # mean of 0..3
 
 
@@ -232,7 +232,16 @@ def test_fmnist_demo_builds_from_packaged_images(tmp_path):
     written = build(bench, tmp_path, progress=False)
     info = {s: beton.read_info(p) for s, p in written.items()}
     assert {s: i.count for s, i in info.items() if s not in ("id_train", "id_val")} == {
-        "id_test": 2000, "ood_val": 300, "mnist": 1000, "glyphs": 300, "faces": 100, "textures": 300, "photos": 300}
+        "id_test": 2000, "ood_val": 600, "mnist": 1000, "letters": 600, "sklearn_digits": 540, "photos": 300,
+        "faces": 100, "galaxies": 300, "textures": 300, "patches": 300, "text_patches": 300}
+    assert bench.groups == {"near": ["mnist", "letters", "sklearn_digits"], "far": ["photos", "faces", "galaxies"],
+                            "shift": ["textures", "patches", "text_patches"]}
+    assert bench.all_sets == [*bench.groups["near"], *bench.groups["far"]] and bench.outside_all == ["shift"]
+    floors = json.loads((tmp_path / "fmnist-demo" / "pixel_floor.json").read_text())
+    assert set(floors) == {"ood_val", *bench.ood_test} and floors["ood_val"]["group"] == "val"
+    assert all(floors[s]["group"] == g for g, sets in bench.groups.items() for s in sets)
+    assert all(50 <= f["auroc"] <= 100 and f["images"] == info[s].count for s, f in floors.items())
+    assert floors["mnist"]["auroc"] > 99  # border brightness alone tells Fashion-MNIST from MNIST
     train, val = info["id_train"].label_counts, info["id_val"].label_counts
     assert sum(train.values()) + sum(val.values()) == 6000  # the YAML's limit, then 10% per class held out
     assert all(val[k] == -(-(train[k] + val[k]) // 10) for k in range(10))

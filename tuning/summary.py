@@ -17,7 +17,8 @@ from matplotlib.figure import Figure
 from oodlab.config import Config, Dist, to_dict
 from oodlab.datapipes.benchmarks import get_benchmark
 from oodlab.distributed.evaluate import FITS_ON_TRAIN
-from oodlab.report import comparison, markdown
+from oodlab.datapipes.tables import results_text
+from oodlab.report import markdown
 from oodlab.tuning.space import overrides, sampled_config
 
 ENDED = ("done", "stopped", "error")
@@ -179,10 +180,9 @@ def text(result: SweepResult, cfg: Config, config_path: str | Path, cli_override
     if result.interrupted:
         lines.append("Interrupted: rerun the same command to resume (finished trials are kept, not rerun).")
     elif result.best is not None:
-        groups = [*get_benchmark(cfg.data.benchmark).groups, "all"]
-        head, body = comparison(result.best_runs, cfg.eval.select, groups)
+        table = results_text(get_benchmark(cfg.data.benchmark), cfg.data.root, result.best_runs, cfg.eval.select)
         lines += [f"Best trial {result.best.trial_id} (MLflow run {result.best_run_id}); its test OOD sets, read only "
-                  f"now that validation chose it ({cfg.eval.select} score, percent):", markdown(head, body),
+                  "now that validation chose it:", table,
                   "Retrain it at full scale (raise the epochs if the sweep shortened them):",
                   "  " + retrain_command(config_path, cli_overrides, cfg, result.best)]
     return "\n".join(lines)
