@@ -146,3 +146,14 @@ def epoch_seconds(tracking_uri: str, run_id: str) -> list[float]:
 def steady_rate(images: int, seconds: list[float]) -> float:
     """Median images/s over the given epochs."""
     return statistics.median(images / s for s in seconds)
+
+
+def write_section(path: Path, key: str, text: str) -> None:
+    """Put `text` into the results file between `<!-- key:start -->` and `<!-- key:end -->` (appended if absent)."""
+    import re
+
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    current = path.read_text() if path.is_file() else ""
+    block = f"{start}\n{text}\n{end}"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    path.write_text(pattern.sub(lambda _: block, current) if pattern.search(current) else f"{current}\n{block}\n")

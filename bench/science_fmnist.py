@@ -1,115 +1,197 @@
-"""Science benchmark on Fashion-MNIST: the baseline, UM, UMAP and the background loss over seeds, next to
-published small-CNN numbers for FMNIST -> MNIST.
+"""Science on Fashion-MNIST: the parity-checked LeNet-style CNN trained to memorise its training set, then Unleashing
+Mask, UMAP and the background loss (and every other train stage of the config) against it, over seeds, per OOD set
+beside its pixel floor and the published numbers.
 
     python bench/science_fmnist.py [key.sub=value ...] [--seeds 0 1 2] [--results bench/RESULTS.md]
 
-Builds the fmnist betons once (`oodlab data build fmnist`), runs configs/fmnist_science.yaml through the
-Ray Train pipeline once per seed (`oodlab train` in-process), reads every number back from the pipeline
-state and MLflow, prints the tables and writes them into RESULTS.md between the science_fmnist markers.
-The best intermediate epoch is picked on the OOD validation split only; test OOD sets choose nothing.
+Builds the fmnist betons once, runs configs/fmnist_science.yaml through the Ray Train pipeline once per seed
+(`oodlab train` in-process), reads every number back from the pipeline state and MLflow, and writes into RESULTS.md
+(between the science_fmnist markers, rewritten after every seed) and bench/science_fmnist.png:
+- the premise: the baseline's train accuracy per epoch (UM needs a model that has memorised its atypical samples);
+- the baseline on every OOD set, every main score, beside each set's pixel floor and the published numbers;
+- UM's first finding: the epoch the OOD validation split picks (the product's rule: lowest validation FPR95 among
+  epochs within 5 points of the best ID validation accuracy) against the final epoch, on every test set;
+- each fine-tuned model against the baseline: mean +- std over seeds and the per-seed paired differences.
+Test sets choose nothing: they are read after training, for the tables only.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import time
 from pathlib import Path
 
 import numpy as np
+from harness import write_section
 
 from oodlab import config
+from oodlab.datapipes.benchmarks import Benchmark, floors, get_benchmark
 from oodlab.report import markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "fmnist_science.yaml"
-SCORES = ["msp", "maxlogit", "energy", "odin", "react", "ash", "knn", "mahalanobis", "featnorm"]
-PUBLISHED = {  # FMNIST -> MNIST AUROC of small CNNs (see the issue / RESULTS.md for sources)
-    "msp": "77.3 (FSSD README, LeNet-style CNN)",
-    "mahalanobis": "94.3 +- 0.9: Euclidean distance to class centroids (Lens Depth paper, DUQ's CNN, 92.35% acc)",
-}
-METHODS = ["um", "umap", "background"]
-MARKERS = ("<!-- science_fmnist:start -->", "<!-- science_fmnist:end -->")
+SCORES = ["msp", "energy", "knn", "mahalanobis"]  # compared for every method
+BASELINE_SCORES = [*SCORES, "maxlogit", "odin", "react", "ash", "featnorm"]  # shown for the baseline
+BASELINE = "baseline"
+PREMISE = 99.0  # train accuracy (percent) the baseline must reach: UM's memorising model
+FIGURE = ROOT / "bench" / "science_fmnist.png"
+
+
+def rows_of(bench: Benchmark) -> list[tuple[str, str]]:
+    """(row, group) in table order: each group's sets then its mean, `all` after the groups it averages, `val`."""
+    rows = []
+    for averaged in (True, False):
+        for group, sets in bench.groups.items():
+            if (group in bench.outside_all) != averaged:
+                rows += [(s, group) for s in sets] + [(group, "(mean)")]
+        if averaged:
+            rows.append(("all", "(mean)"))
+    return rows + [("val", "(validation)")]
+
+
+def run_seed(seed: int, overrides: list[str]) -> dict:
+    """One fresh pipeline run: every stage's final metrics, the baseline's per-epoch history, wall seconds."""
+    from mlflow.tracking import MlflowClient
+
+    from oodlab.datapipes.build import build
+    from oodlab.distributed import pipeline
+
+    cfg = config.load(CONFIG, [f"seed={seed}", f"name=fmnist-science-s{seed}", *overrides], base=ROOT)
+    bench = get_benchmark(cfg.data.benchmark)
+    build(bench, cfg.data.root, progress=False)
+    start = time.perf_counter()
+    state = pipeline.run(cfg)
+    seconds = time.perf_counter() - start
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    run = state.stages[BASELINE].run_id
+    keys = ["train/acc", "id_acc", "id_val_acc", "best_ood_epoch"]
+    keys += [f"ood/{s}/{r}/{m}" for s in cfg.eval.scores for r, _ in rows_of(bench) for m in ("auroc", "fpr95")]
+    history = {k: {m.step: m.value for m in client.get_metric_history(run, k)} for k in keys}
+    return {"final": pipeline.results(state), "history": history, "seconds": seconds, "cfg": cfg, "bench": bench}
 
 
 def mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.2f} +- {np.std(values):.2f}"
 
 
-def run_seed(seed: int, overrides: list[str]) -> dict:
-    """One fresh pipeline run; returns every stage's final metrics and the baseline's per-epoch history."""
-    from mlflow.tracking import MlflowClient
-
-    from oodlab.datapipes.benchmarks import get_benchmark
-    from oodlab.datapipes.build import build
-    from oodlab.distributed import pipeline
-
-    cfg = config.load(CONFIG, [f"seed={seed}", f"name=fmnist-science-s{seed}", *overrides], base=ROOT)
-    build(get_benchmark(cfg.data.benchmark), cfg.data.root, progress=False)
-    start = time.perf_counter()
-    state = pipeline.run(cfg)
-    client = MlflowClient(cfg.mlflow.tracking_uri)
-    baseline_run = state.stages["baseline"].run_id
-    keys = ["id_acc", "id_val_acc"] + [f"ood/{cfg.eval.select}/{w}/{m}" for w in ("val", "mnist", "all")
-                                       for m in ("auroc", "fpr95")]
-    history = {k: {m.step: m.value for m in client.get_metric_history(baseline_run, k)} for k in keys}
-    return {"final": pipeline.results(state), "history": history, "seconds": time.perf_counter() - start,
-            "select": cfg.eval.select, "epochs": cfg.stages["baseline"].epochs}
+def paired(values: list[float]) -> str:
+    """Mean +- std of per-seed differences, and each seed's."""
+    return f"{np.mean(values):+.2f} +- {np.std(values):.2f} ({', '.join(f'{v:+.1f}' for v in values)})"
 
 
-def best_epoch(history: dict, select: str) -> int:
-    """The epoch with the lowest OOD-validation FPR95 (ties: higher validation AUROC, then earlier)."""
-    fpr, auroc = history[f"ood/{select}/val/fpr95"], history[f"ood/{select}/val/auroc"]
-    return min(fpr, key=lambda step: (fpr[step], -auroc[step], step))
-
-
-def tables(runs: list[dict]) -> str:
-    select = runs[0]["select"]
-    base = [r["final"]["baseline"] for r in runs]
-    out = [f"Baseline Fashion-MNIST test accuracy: **{mean_std([b['id_acc'] for b in base])}%** "
-           f"({len(runs)} seeds; published small CNNs: 92-93%).", ""]
-
-    head = ["score", "AUROC", "FPR95", "published AUROC"]
-    rows = [[s, mean_std([b[f"ood/{s}/mnist/auroc"] for b in base]), mean_std([b[f"ood/{s}/mnist/fpr95"] for b in base]),
-             PUBLISHED.get(s, "")] for s in SCORES]
-    out += ["FMNIST -> MNIST, baseline, every post-hoc score (percent, mean +- std over seeds; FPR95 with ID "
-            "positive). Published ODIN / Mahalanobis numbers near 99.6 were tuned on MNIST itself, which this "
-            "protocol forbids: score parameters here see ID data only.", "", markdown(head, rows), ""]
-
-    picks = [best_epoch(r["history"], select) for r in runs]
-    last = [max(r["history"]["id_acc"]) for r in runs]
-    head = ["epoch", "picked epoch", "id_acc", "MNIST AUROC", "MNIST FPR95", "all-OOD AUROC", "all-OOD FPR95"]
+def premise_table(runs: list[dict], seeds: list[int]) -> str:
+    head = ["seed", "epochs", "train acc, last epoch", f"first epoch >= {PREMISE:g}%", "test acc", "minutes"]
     rows = []
-    for label, steps in (("best intermediate (picked on ood_val)", picks), ("final", last)):
-        at = {k: [r["history"][k][s] for r, s in zip(runs, steps)] for k in runs[0]["history"]}
-        rows.append([label, ", ".join(str(s + 1) for s in steps), mean_std(at["id_acc"])]
-                    + [mean_std(at[f"ood/{select}/{w}/{m}"]) for w in ("mnist", "all") for m in ("auroc", "fpr95")])
-    out += [f"Unleashing Mask's first finding on this data: the baseline's best intermediate epoch (lowest {select} "
-            "FPR95 on the OOD validation split) against its final epoch.", "", markdown(head, rows), ""]
-
-    head = ["method", "d id_acc", f"d MNIST AUROC ({select})", "d MNIST FPR95", "d all-OOD AUROC", "d all-OOD FPR95"]
-    rows = []
-    for method in METHODS:
-        finals = [r["final"][method] for r in runs]
-        deltas = {k: [f[k] - b[k] for f, b in zip(finals, base)] for k in
-                  ["id_acc"] + [f"ood/{select}/{w}/{m}" for w in ("mnist", "all") for m in ("auroc", "fpr95")]}
-        rows.append([method] + [mean_std(v) for v in deltas.values()])
-    out += ["UM, UMAP and the background loss against the baseline (method minus baseline, percent points, "
-            "mean +- std over seeds; lower FPR95 is better).", "", markdown(head, rows), ""]
-
-    head = ["model"] + SCORES
-    rows = [[m] + [f"{np.mean([r['final'][m][f'ood/{s}/all/auroc'] for r in runs]):.1f}" for s in SCORES]
-            for m in ["baseline", *METHODS]]
-    out += ["All-OOD AUROC (mean over the 5 test sets) per model and score, mean over seeds.", "", markdown(head, rows)]
-    return "\n".join(out)
+    for seed, r in zip(seeds, runs):
+        acc = r["history"]["train/acc"]
+        reached = [e + 1 for e, v in sorted(acc.items()) if v >= PREMISE]
+        rows.append([seed, len(acc), f"{acc[max(acc)]:.2f}", reached[0] if reached else "never",
+                     f"{r['final'][BASELINE]['id_acc']:.2f}", f"{r['seconds'] / 60:.1f}"])
+    return markdown(head, rows)
 
 
-def write_results(path: Path, text: str) -> None:
-    current = path.read_text() if path.is_file() else ""
-    block = f"{MARKERS[0]}\n{text}\n{MARKERS[1]}"
-    pattern = re.compile(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), re.S)
-    path.write_text(pattern.sub(lambda _: block, current) if pattern.search(current) else f"{current}\n{block}\n")
+def baseline_table(runs: list[dict], bench: Benchmark, floor: dict[str, float]) -> str:
+    finals = [r["final"][BASELINE] for r in runs]
+    scores = [s for s in BASELINE_SCORES if f"ood/{s}/all/auroc" in finals[0]]
+    head = ["set", "group", "pixel floor", *(f"{s} AUROC" for s in scores)]
+    rows = [[name, group, _fmt(floor.get(name)), *(mean_std([f[f"ood/{s}/{name}/auroc"] for f in finals]) for s in scores)]
+            for name, group in rows_of(bench)]
+    published = {(p.set, p.score): p for p in bench.spec.published}
+    rows += [[f"published: {p.set}", "", "", *(f"{p.auroc} ({p.source})" if (p.set, s) == key else "" for s in scores)]
+             for key, p in published.items()]
+    return markdown(head, rows)
+
+
+def first_finding_table(runs: list[dict], bench: Benchmark, floor: dict[str, float], scores: list[str]) -> str:
+    picked = [int(r["history"]["best_ood_epoch"][max(r["history"]["best_ood_epoch"])]) - 1 for r in runs]
+    last = [max(r["history"]["train/acc"]) for r in runs]
+    head = ["set", "pixel floor"] + [f"{s} AUROC {w}" for s in scores for w in ("picked epoch", "final", "picked - final")]
+    rows = [["epoch (per seed)", "", *(", ".join(str(e + 1) for e in epochs) if w != "picked - final" else ""
+                                      for _ in scores for w, epochs in (("picked", picked), ("final", last), ("picked - final", last)))]]
+    for name, _ in rows_of(bench):
+        cells = [name, _fmt(floor.get(name))]
+        for s in scores:
+            series = [r["history"][f"ood/{s}/{name}/auroc"] for r in runs]
+            at_pick, at_last = [h[e] for h, e in zip(series, picked)], [h[e] for h, e in zip(series, last)]
+            cells += [mean_std(at_pick), mean_std(at_last), paired([a - b for a, b in zip(at_pick, at_last)])]
+        rows.append(cells)
+    return markdown(head, rows)
+
+
+def method_tables(runs: list[dict], bench: Benchmark, floor: dict[str, float], methods: list[str]) -> list[str]:
+    out = []
+    base = [r["final"][BASELINE] for r in runs]
+    for score in SCORES:
+        head = ["set", "pixel floor", f"{BASELINE} {score}", *(f"{m} - {BASELINE}" for m in methods)]
+        keys = [("id_acc", "id_acc", "")] + [(name, f"ood/{score}/{name}/auroc", floor.get(name)) for name, _ in rows_of(bench)]
+        rows = [[name, _fmt(fl), mean_std([b[key] for b in base]),
+                 *(paired([r["final"][m][key] - b[key] for r, b in zip(runs, base)]) for m in methods)]
+                for name, key, fl in keys]
+        out += [f"AUROC of **{score}** (id_acc: test accuracy), method minus baseline in points, mean +- std over seeds "
+                "(per-seed differences in brackets):", "", markdown(head, rows), ""]
+    return out
+
+
+def summary_table(runs: list[dict], models: list[str], bench: Benchmark) -> str:
+    columns = bench.table_columns
+    head = ["model", "score", *(f"{c} AUROC" for c in columns)]
+    rows = [[m, s, *(f"{np.mean([r['final'][m][f'ood/{s}/{c}/auroc'] for r in runs]):.1f}" for c in columns)]
+            for m in models for s in SCORES]
+    return markdown(head, rows)
+
+
+def curves_figure(runs: list[dict], bench: Benchmark, select: str) -> None:
+    """Per-epoch train accuracy and the selected score's AUROC per group (mean over seeds), picked epochs marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    acc_ax, ood_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    epochs = np.arange(1, len(runs[0]["history"]["train/acc"]) + 1)
+    for key, label in (("train/acc", "train"), ("id_acc", "test"), ("id_val_acc", "ID validation")):
+        acc_ax.plot(epochs, np.mean([[r["history"][key][e - 1] for e in epochs] for r in runs], 0), label=label)
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="baseline accuracy (mean over seeds)")
+    for column in [*bench.table_columns, "val"]:
+        ood_ax.plot(epochs, np.mean([[r["history"][f"ood/{select}/{column}/auroc"][e - 1] for e in epochs] for r in runs], 0),
+                    label=column, linestyle="--" if column == "val" else "-")
+    for r in runs:
+        ood_ax.axvline(r["history"]["best_ood_epoch"][max(r["history"]["best_ood_epoch"])], color="gray", lw=0.8)
+    ood_ax.set(xlabel="epoch", ylabel=f"{select} AUROC (%)", title="OOD per epoch (gray: epochs picked on val)")
+    for ax in (acc_ax, ood_ax):
+        ax.legend(fontsize="small")
+    fig.savefig(FIGURE, dpi=90)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def report(runs: list[dict], seeds: list[int], command: str, minutes: float) -> str:
+    cfg, bench = runs[0]["cfg"], runs[0]["bench"]
+    floor = floors(bench, cfg.data.root)
+    methods = [name for name, stage in cfg.train_stages().items() if name != BASELINE]
+    stage = cfg.stages[BASELINE]
+    head = (f"## Science: Fashion-MNIST (`bench/science_fmnist.py`)\n\nCommand: `{command}` "
+            f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; seeds {seeds} in {minutes:.1f} min on this machine, "
+            f"load average {os.getloadavg()[0]:.1f}). Config configs/fmnist_science.yaml: `{cfg.model.name}` on the fmnist "
+            f"benchmark ({cfg.data.train_limit or 'all'} id_train images), baseline {stage.epochs} epochs of SGD lr "
+            f"{stage.lr}, cosine, weight decay {stage.weight_decay}, batch {cfg.data.batch_size}, no augmentation; then "
+            f"{', '.join(methods)} from it. Percent; pixel floor: the best AUROC of no-network pixel statistics against "
+            "ID test (a reference, not a filter). Test sets choose nothing.\n")
+    parts = [head, "**Premise** (Unleashing Mask needs a model that has memorised its training set):", "",
+             premise_table(runs, seeds), "",
+             "**Baseline** on every OOD set (mean +- std over seeds; groups are equal-weight means of their sets; "
+             f"{', '.join(bench.outside_all) or 'no group'} reported on its own, not in all; val: the OOD validation split):",
+             "", baseline_table(runs, bench, floor), "",
+             "**UM's first finding**: the epoch the OOD validation split picks against the final epoch, on every test "
+             f"set (scores evaluated every epoch: {', '.join(cfg.eval.scores)}). Per-epoch curves: "
+             f"[{FIGURE.name}]({FIGURE.name}).", "", first_finding_table(runs, bench, floor, cfg.eval.scores), "",
+             "**The methods against the baseline**:", "", *method_tables(runs, bench, floor, methods),
+             "**Summary**: AUROC per group, mean over seeds:", "", summary_table(runs, [BASELINE, *methods], bench)]
+    curves_figure(runs, bench, cfg.eval.select)
+    return "\n".join(parts)
 
 
 def main() -> None:
@@ -124,12 +206,8 @@ def main() -> None:
     runs: list[dict] = []
     for seed in args.seeds:  # the tables are rewritten after every seed: an interrupted run keeps its seeds
         runs.append(run_seed(seed, [f"ray.storage_path={storage}", *args.overrides]))
-        minutes = (time.perf_counter() - start) / 60
-        text = (f"## Science: Fashion-MNIST (`bench/science_fmnist.py`)\n\nCommand: `{command}` "
-                f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; seeds {args.seeds[:len(runs)]} done in "
-                f"{minutes:.1f} min on this machine, load average {os.getloadavg()[0]:.1f}; config "
-                f"configs/fmnist_science.yaml, {runs[0]['epochs']} baseline epochs)\n\n" + tables(runs))
-        write_results(args.results, text)
+        text = report(runs, args.seeds[:len(runs)], command, (time.perf_counter() - start) / 60)
+        write_section(args.results, "science_fmnist", text)
     print(text)
 
 
