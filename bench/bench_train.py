@@ -27,6 +27,7 @@ import torch
 
 from harness import build_benchmark, epoch_seconds, images_per_epoch, private_ray, steady_rate, write_benchmark
 from oodlab import config
+from oodlab.methods import Step, TrainMethod
 from oodlab.report import markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,6 @@ class PlainLoop:
 
     def __init__(self, bench, cfg: config.Config, threads: int):
         from oodlab.datapipes.loaders import LoaderSpec, build_loader
-        from oodlab.distributed.stages import TrainMethod
         from oodlab.models import FeatureNet, create_model
 
         torch.manual_seed(cfg.seed)
@@ -61,7 +61,7 @@ class PlainLoop:
         self.net.train()
         for x, y in self.loader:
             logits, _, fmap = self.net(x)
-            loss, _ = self.method.loss(logits, fmap, y, self.net.classifier, self.done)
+            loss, _ = self.method.loss(Step(y, logits, fmap, self.net.position_logits, self.done))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()

@@ -35,6 +35,7 @@ from oodlab.datapipes import floor
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin_benchmarks"
 ID_SPLITS = ("id_train", "id_val", "id_test")
 OOD_VAL = "ood_val"
+OUTLIERS = "outliers"  # outlier exposure's training data: built, never evaluated
 RESERVED_GROUPS = ("all", "val")  # metric names ood/<score>/all|val/... are taken
 STATS_FILE = "benchmark.json"
 FLOOR_FILE = "pixel_floor.json"  # oodlab.datapipes.floor
@@ -165,6 +166,12 @@ class Published(Section):
     source: str  # the model and where the number comes from
 
 
+def _as_outliers(value: Any) -> Any:
+    """`outliers:` is one source (a path, a list, a mapping with a source's keys) or a mapping of names to sources."""
+    one = isinstance(value, (str, list)) or (isinstance(value, dict) and bool(set(value) & set(SourceSpec.model_fields)))
+    return {OUTLIERS: value} if one else value
+
+
 class BenchmarkSpec(Section):
     name: Name
     image_size: Annotated[int, Field(ge=8)]
@@ -179,6 +186,8 @@ class BenchmarkSpec(Section):
     write: WriteSpec = WriteSpec()
     about: str = ""  # one line for humans: where the data comes from
     published: list[Published] = []  # published numbers the result tables print beside oodlab's
+    # outlier exposure's training data (the `oe` method), one .beton of all parts; disjoint from every OOD set
+    outliers: Annotated[dict[Name, Source], BeforeValidator(_as_outliers)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> BenchmarkSpec:
@@ -208,6 +217,13 @@ class BenchmarkSpec(Section):
         unknown = [s for s in self.ood.val_overlaps if s not in seen]
         if unknown:
             raise ValueError(f"ood.val_overlaps: {unknown} are not OOD test sets of this benchmark ({sorted(seen)})")
+        evaluated = {"ood.val (the OOD validation split)": self.ood.val} | {
+            f"ood.{group}.{name}": self.groups()[group][name] for name, group in seen.items()}
+        for part, source in (self.outliers or {}).items():
+            shared = [where for where, other in evaluated.items() if source.shares_data_with(other)]
+            if shared:
+                raise ValueError(f"outliers.{part}: shares its source with {', '.join(shared)}; outlier exposure would "
+                                 "train on the data it is scored on. Give outliers data that no OOD set uses")
         for name, group in seen.items():
             if name not in self.ood.val_overlaps and self.ood.val.shares_data_with(self.groups()[group][name]):
                 raise ValueError(f"ood.val: the OOD validation set shares its source with the test set ood.{group}.{name}; "
@@ -279,13 +295,18 @@ class Benchmark:
     def splits(self) -> tuple[str, ...]:
         return (*ID_SPLITS, OOD_VAL, *self.ood_test)
 
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every split the build writes: the evaluated ones, and the outliers when the benchmark has some."""
+        return (*self.splits, OUTLIERS) if self.spec.outliers else self.splits
+
     def path(self, root: Path, split: str) -> Path:
-        if split not in self.splits:
-            raise ValueError(f"benchmark {self.name} has no split '{split}'; splits: {', '.join(self.splits)}")
+        if split not in self.files:
+            raise ValueError(f"benchmark {self.name} has no split '{split}'; splits: {', '.join(self.files)}")
         return Path(root) / self.name / f"{split}.beton"
 
     def missing(self, root: Path) -> list[str]:
-        return [s for s in self.splits if not self.path(root, s).is_file()]
+        return [s for s in self.files if not self.path(root, s).is_file()]
 
     def build_command(self, root: Path) -> str:
         data = " --root YOUR_DATA" if self.base is None and self.needs_root() else ""
@@ -310,7 +331,11 @@ def source_specs(spec: BenchmarkSpec) -> list[tuple[str, str, SourceSpec]]:
     if isinstance(spec.id.val, SourceSpec):
         found.append(("id_val", "id.val", spec.id.val))
     found.append((OOD_VAL, "ood.val", spec.ood.val))
-    return found + [(name, f"ood.{group}.{name}", src) for group, sets in spec.groups().items() for name, src in sets.items()]
+    found += [(name, f"ood.{group}.{name}", src) for group, sets in spec.groups().items() for name, src in sets.items()]
+    if spec.outliers:
+        parts = list(spec.outliers.values())
+        found.append((OUTLIERS, OUTLIERS, parts[0] if len(parts) == 1 else SourceSpec(parts=parts)))
+    return found
 
 
 def builtin_names() -> list[str]:

@@ -92,7 +92,7 @@ def open_splits(bench: Benchmark, base: Path | None) -> dict[str, ImageSource]:
     if isinstance(bench.spec.id.val, HeldOut):
         _hold_out(sources, bench.spec.id.val)
     _check_classes(bench, sources)
-    return {split: _shaped(bench, sources[split]) for split in bench.splits}
+    return {split: _shaped(bench, sources[split]) for split in bench.files}
 
 
 def _hold_out(sources: dict[str, ImageSource], val: HeldOut) -> None:

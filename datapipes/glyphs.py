@@ -34,8 +34,9 @@ _DEJAVU = [f"DejaVu{face}{style}.ttf" for face in ("Sans", "SansMono", "Serif")
            for style in ("", "-Bold", "-Oblique" if face != "Serif" else "-Italic",
                          "-BoldOblique" if face != "Serif" else "-BoldItalic")]
 
-# name: (folder, the files in it that draw Latin letters, where the folder comes from). Curated: a font's character
-# map is no proof (Computer Modern's symbol fonts and the URW dingbats map A-Z to symbols).
+# name: (folder, its font files, where the folder comes from). Curated: the letter collections hold the files that draw
+# Latin letters, which a character map does not prove (Computer Modern's symbol fonts and the URW dingbats map A-Z to
+# symbols).
 FONT_COLLECTIONS: dict[str, tuple[object, tuple[str, ...], str]] = {
     "matplotlib": (_matplotlib_fonts, (*_DEJAVU, "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf",
                                        "STIXGeneralBolIta.ttf", "cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmti10.ttf",
@@ -50,6 +51,8 @@ FONT_COLLECTIONS: dict[str, tuple[object, tuple[str, ...], str]] = {
                        ("URWBookman", ("Light", "Demi", "LightItalic", "DemiItalic")),
                        ("URWGothic", ("Book", "Demi", "BookOblique", "DemiOblique")), ("Z003", ("MediumItalic",)))
                        for style in styles), "Debian's fonts-urw-base35"),
+    # a Zapf Dingbats clone: printable ASCII draws scissors, stars, crosses, arrows (outlier data, no letters)
+    "urw-dingbats": (Path("/usr/share/fonts/opentype/urw-base35"), ("D050000L.otf",), "Debian's fonts-urw-base35"),
     "liberation": (Path("/usr/share/fonts/truetype/liberation"),
                    tuple(f"Liberation{family}-{style}.ttf" for family in ("Sans", "SansNarrow", "Serif", "Mono")
                          for style in ("Regular", "Bold", "Italic", "BoldItalic")), "Debian's fonts-liberation"),

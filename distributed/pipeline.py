@@ -25,7 +25,7 @@ from oodlab.datapipes.benchmarks import Benchmark, floors, for_config
 from oodlab.distributed import checkpoint, progress, session, tracking
 from oodlab.distributed.artifacts import finish_stage, log_report
 from oodlab.distributed.launch import StageResult, check_address, check_resources, ensure_ray
-from oodlab.distributed.stages import TrainMethod
+from oodlab.methods import TrainMethod
 from oodlab.distributed.worker import Job
 from oodlab.models import create_model
 from oodlab.storage import StoragePath
@@ -78,12 +78,21 @@ def preflight(cfg: Config, restart: bool = False) -> Benchmark:
     that answers and a Ray address where something listens."""
     bench = for_config(cfg)
     check_inits(cfg, bench)
+    check_outliers(cfg, bench)
     saved = PipelineState.load(state_path(cfg)).config
     if saved and not restart:
         check_unchanged("pipeline", cfg.name, tracking.redacted_config(cfg), saved)
     tracking.check_reachable(cfg.mlflow.tracking_uri)
     check_address(cfg.ray.address)
     return bench
+
+
+def check_outliers(cfg: Config, bench: Benchmark) -> None:
+    """A stage whose method trains on outliers (oe) needs a benchmark that has them."""
+    needing = [n for n, s in cfg.train_stages().items() if TrainMethod(s, threshold=0.0).needs_outliers]
+    if needing and not bench.spec.outliers:
+        raise ConfigError(f"stages.{needing[0]}: its methods train on outlier data, and benchmark '{bench.name}' has "
+                          "none; add `outliers:` to the benchmark YAML (e.g. fmnist has some) and build it")
 
 
 def check_inits(cfg: Config, bench: Benchmark) -> None:

@@ -203,14 +203,14 @@ def log_datasets(bench: Benchmark, root: Path) -> None:
     the manifest written beside it (source, count, classes, write options)."""
     from oodlab.datapipes.beton import manifest_path
 
-    for split in bench.splits:
+    for split in bench.files:
         path = bench.path(root, split)
         manifest = manifest_path(path)
         digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.is_file() else None
         with warnings.catch_warnings():  # MLflow registers its local source twice and warns that it is ambiguous
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
             source = resolve_dataset_source(str(path.resolve()))
-        context = "train" if split == "id_train" else "validation" if split in ("id_val", "ood_val") else "test"
+        context = "train" if split in ("id_train", "outliers") else "validation" if split in ("id_val", "ood_val") else "test"
         mlflow.log_input(MetaDataset(source, name=f"{bench.name}/{split}", digest=digest), context=context)
 
 

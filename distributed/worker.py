@@ -31,7 +31,7 @@ from oodlab.datapipes.loaders import LoaderSpec, build_loader
 from oodlab.distributed import checkpoint, tracking
 from oodlab.distributed.artifacts import log_final_artifacts
 from oodlab.distributed.evaluate import Evaluation, evaluate
-from oodlab.distributed.stages import TrainMethod
+from oodlab.methods import Step, TrainMethod
 from oodlab.masking import attach_masks, dense_state_dict
 from oodlab.models import FeatureNet, create_model
 
@@ -329,7 +329,7 @@ def train_epoch(ddp: torch.nn.Module, net: FeatureNet, loader, opt, sched, metho
     for step, (x, y) in enumerate(loader):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.cfg.ray.amp):
             logits, _, fmap = ddp(x)
-        loss, stats = method.loss(logits.float(), fmap.float(), y, net.position_logits, epoch)
+        loss, stats = method.loss(Step(y, logits.float(), fmap.float(), net.position_logits, epoch, worker.job.threshold))
         if not finite_everywhere(loss):
             raise StageError(f"the loss is not finite (nan or inf) at epoch {epoch + 1}, step {step + 1}; nothing "
                              "after the last checkpoint was saved. Lower the learning rate or check the data")

@@ -4,9 +4,9 @@ Every check happens here, in `load`, before Ray starts: unknown keys, wrong type
 and dangling stage references fail with the field path and what is allowed.
 
 A run is an ordered chain of named stages. A `train` stage trains from scratch or from `init` (an
-earlier stage's name or a checkpoint path); its `forget` (UM loss floor), `mask` (UMAP) and
-`background` sections switch the training-time methods on. An `estimate` stage measures the
-forgetting threshold; an `eval` stage scores a checkpoint with every post-hoc score.
+earlier stage's name or a checkpoint path); its methods' sections (oodlab.methods: `forget`, UM's loss floor;
+`mask`, UMAP; `background`; `oe`; `logitnorm`) switch the training-time methods on and combine. An `estimate`
+stage measures the forgetting threshold; an `eval` stage scores a checkpoint with every post-hoc score.
 
 Configs mean what they say: a `mask` without `forget` is refused unless `mask.plain_edge_popup` says so; a
 stage that uses an estimate's threshold starts from the checkpoint the estimate measured; an epoch count
@@ -19,14 +19,16 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, field_validator,
+from pydantic import (BaseModel, Field, PlainSerializer, PlainValidator, ValidationError, create_model, field_validator,
                       model_validator)
 
+from oodlab.methods import registered
 from oodlab.models import check_model_name
 from oodlab.scores import available_scores
+from oodlab.section import Section
 from oodlab.storage import StoragePath, is_uri, location
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -39,10 +41,6 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 class ConfigError(ValueError):
     """A config problem, with the field path and the fix in the message."""
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class DataConfig(Section):
@@ -72,42 +70,10 @@ class ModelConfig(Section):
         return name
 
 
-class ForgetConfig(Section):
-    """Unleashing Mask's loss floor: J = |beta * CE - threshold| + threshold."""
+class TrainStageBase(Section):
+    """A train stage's schedule; its methods' sections (`forget`, `mask`, `background`, `oe`, `logitnorm`, ...) are
+    added from the registry of oodlab.methods, each optional (see `TrainStage`)."""
 
-    threshold: PositiveFloat | None = None  # the forgetting threshold l_hat, given directly
-    estimate: str | None = None  # or: the name of an earlier `estimate` stage that measured it
-    beta: PositiveFloat = 1.0
-
-    @model_validator(mode="after")
-    def _one_source(self) -> ForgetConfig:
-        if (self.threshold is None) == (self.estimate is None):
-            raise ValueError("set exactly one of threshold (a number) or estimate (an estimate stage's name)")
-        return self
-
-
-class MaskConfig(Section):
-    """UMAP: learn a pruning mask (score-based, top-k) instead of (or with) the weights."""
-
-    mask_ratio: Fraction = 0.2  # fraction of weights REMOVED
-    train_weights: bool = False
-    plain_edge_popup: bool = False  # opt in to a mask without `forget`: plain edge-popup, tagged "edge-popup"
-
-
-class BackgroundConfig(Section):
-    """Local background features as fake OOD: CE + weight * mean norm of selected positions."""
-
-    weight: PositiveFloat = 0.1
-    select: Literal["lowest", "threshold", "topk"] = "lowest"
-    ratio: Annotated[float, Field(gt=0, le=1)] = 0.5  # `lowest`: fraction of positions per image
-    threshold: Annotated[float, Field(gt=0, lt=1)] = 0.01  # `threshold`: max softmax prob of the label
-    topk: PositiveInt = 1  # `topk`: label not among the top-k classes of the position
-    norm: Literal["l2", "l2sq", "hinge"] = "l2"
-    margin: Annotated[float, Field(ge=0)] = 0.0  # `hinge`
-    warmup_epochs: Annotated[int, Field(ge=0)] = 0
-
-
-class TrainStage(Section):
     kind: Literal["train"] = "train"
     init: str | None = None  # None: from scratch; an earlier stage's name; or a checkpoint (file or directory)
     epochs: PositiveInt = 10
@@ -117,22 +83,21 @@ class TrainStage(Section):
     nesterov: bool = True
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
     eval_every: PositiveInt = 1  # evaluate OOD metrics every k epochs (and always after the last)
-    forget: ForgetConfig | None = None
-    mask: MaskConfig | None = None
-    background: BackgroundConfig | None = None
 
     @model_validator(mode="after")
-    def _consistent_methods(self) -> TrainStage:
+    def _consistent_methods(self) -> TrainStageBase:
         if self.schedule_epochs is not None and self.schedule_epochs < self.epochs:
             raise ValueError(f"schedule_epochs: the schedule must span at least the {self.epochs} trained epochs "
                              "(training stops at `epochs`); raise schedule_epochs or drop it")
-        if self.mask is not None and self.forget is None and not self.mask.plain_edge_popup:
-            raise ValueError("mask: UMAP needs `forget` (the loss floor) in the same stage, else this trains plain "
-                             "edge-popup; add forget: {estimate: <estimate stage>} or {threshold: <l_hat>}, "
-                             "or set mask.plain_edge_popup: true to train plain edge-popup on purpose")
-        if self.mask is not None and self.forget is not None and self.mask.plain_edge_popup:
-            raise ValueError("mask.plain_edge_popup: true means no loss floor, but `forget` is set; drop one of them")
+        for name, method in registered().items():
+            if getattr(self, name, None) is not None:
+                method.check(self)
         return self
+
+
+# Every registered training method's section, optional, under its name (oodlab.methods: one module per method).
+TrainStage = create_model("TrainStage", __base__=TrainStageBase, __module__=__name__,
+                          **{name: (Optional[m.section], None) for name, m in registered().items()})
 
 
 class EstimateStage(Section):

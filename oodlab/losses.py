@@ -1,4 +1,5 @@
-"""Training-loss terms: the Unleashing Mask floor, the background-feature norm loss, and Outlier Exposure."""
+"""Training-loss terms: the Unleashing Mask floor, the background-feature norm loss, Outlier Exposure (cross-entropy to
+uniform, energy-bounded) and LogitNorm."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 # FeatureNet.position_logits (for a global-average-pooled linear head, W f_ij + b)
 PositionLogits = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
-__all__ = ["flooded", "BackgroundSpec", "select_background", "background_loss", "oe_loss"]
+__all__ = ["flooded", "BackgroundSpec", "select_background", "background_loss", "oe_loss", "energy_oe_loss",
+           "logitnorm_loss"]
 
 
 def flooded(loss: torch.Tensor, level: float, beta: float = 1.0) -> torch.Tensor:
@@ -130,6 +132,27 @@ def background_loss(
 
 
 def oe_loss(logits_out: torch.Tensor) -> torch.Tensor:
-    """Outlier Exposure term: mean over outliers of ``logsumexp(z) - mean_k z_k`` (CE to the uniform distribution)."""
+    """Outlier Exposure term (Hendrycks et al., ICLR 2019): mean over outliers of ``logsumexp(z) - mean_k z_k``, the
+    cross-entropy of the softmax to the uniform distribution."""
     z = logits_out.float()
     return (z.logsumexp(dim=1) - z.mean(dim=1)).mean()
+
+
+def energy_oe_loss(logits_in: torch.Tensor, logits_out: torch.Tensor, m_in: float, m_out: float) -> torch.Tensor:
+    """Energy-bounded learning (Liu et al., NeurIPS 2020): ``mean relu(E_in - m_in)^2 + mean relu(m_out - E_out)^2``
+    with the energy ``E = -logsumexp(z)``: ID energies pushed below ``m_in``, outliers' above ``m_out``."""
+    if m_in >= m_out:
+        raise ValueError(f"m_in ({m_in}) must be below m_out ({m_out}): ID energies are pushed below m_in, outliers' "
+                         "above m_out")
+    e_in, e_out = -logits_in.float().logsumexp(dim=1), -logits_out.float().logsumexp(dim=1)
+    return F.relu(e_in - m_in).pow(2).mean() + F.relu(m_out - e_out).pow(2).mean()
+
+
+def logitnorm_loss(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """LogitNorm (Wei et al., ICML 2022): cross-entropy of ``z / (temperature * ||z||)``, the logit vector's L2 norm
+    taken per sample (plus 1e-7, as the reference code): the loss no longer falls by growing the logits' norm."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+    z = logits.float()
+    norm = torch.linalg.vector_norm(z, dim=1, keepdim=True) + 1e-7
+    return F.cross_entropy(z / (temperature * norm), labels)

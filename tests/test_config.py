@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from oodlab import config
-from oodlab.distributed.stages import TrainMethod
+from oodlab.methods import TrainMethod
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 EPOCHS_SEARCH = "search={space: {stages.um.epochs: {dist: randint, low: 2, high: 6}}}"  # under ASHA, the default

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from oodlab.losses import BackgroundSpec, background_loss, flooded, oe_loss, select_background
+from oodlab.losses import (BackgroundSpec, background_loss, energy_oe_loss, flooded, logitnorm_loss, oe_loss,
+                           select_background)
 from oodlab.outputs import Head
 
 # --- the UM floor -------------------------------------------------------------------------------------------
@@ -199,3 +200,32 @@ def test_oe_loss_hand_case():
     expected = (torch.softmax(logits.detach(), dim=1) - 1 / 3) / 2
     assert torch.allclose(logits.grad, expected, atol=1e-6)
     assert torch.allclose(logits.grad[1], torch.zeros(3), atol=1e-6)
+
+
+def test_energy_oe_hand_case():
+    # E = -logsumexp(z). ID: z = (0, 0) -> E = -log 2 = -0.6931; z = (30, 0) -> E = -30 (below m_in = -25: no loss).
+    # Outliers: z = (0, 0) -> E = -0.6931 (above m_out = -7: no loss); z = (10, 0) -> E = -10.0000454, 3.0000454 below.
+    logits_in = torch.tensor([[0.0, 0.0], [30.0, 0.0]])
+    logits_out = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    e = -math.log(math.exp(10) + 1)
+    expected = ((-math.log(2) + 25) ** 2 + 0) / 2 + (0 + (-7 - e) ** 2) / 2
+    assert energy_oe_loss(logits_in, logits_out, m_in=-25, m_out=-7).item() == pytest.approx(expected, rel=1e-6)
+    assert energy_oe_loss(torch.full((1, 2), 40.0), torch.zeros(1, 2), -25, -7).item() == 0.0
+    with pytest.raises(ValueError, match="m_in"):
+        energy_oe_loss(logits_in, logits_out, m_in=-7, m_out=-25)
+
+
+def test_logitnorm_hand_case():
+    # z = (3, 4): ||z|| = 5; with t = 0.5, z / (t ||z||) = (1.2, 1.6); CE(y=0) = log(e^1.2 + e^1.6) - 1.2
+    logits = torch.tensor([[3.0, 4.0], [0.0, -2.0]], requires_grad=True)
+    labels = torch.tensor([0, 1])
+    row0 = math.log(math.exp(1.2) + math.exp(1.6)) - 1.2
+    row1 = math.log(1 + math.exp(-2.0 / (0.5 * 2.0))) + 2.0 / (0.5 * 2.0)  # z / (0.5 * 2) = (0, -2); y = 1
+    loss = logitnorm_loss(logits, labels, temperature=0.5)
+    assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    # scaling the logits leaves it unchanged: the loss cannot fall by growing their norm
+    assert logitnorm_loss(logits * 7, labels, 0.5).item() == pytest.approx(loss.item(), rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    with pytest.raises(ValueError, match="temperature"):
+        logitnorm_loss(logits, labels, 0.0)
