@@ -124,7 +124,7 @@ def method_tables(runs: list[dict], bench: Benchmark, floor: dict[str, float], m
     base = [r["final"][BASELINE] for r in runs]
     for score in SCORES:
         head = ["set", "pixel floor", f"{BASELINE} {score}", *(f"{m} - {BASELINE}" for m in methods)]
-        keys = [("id_acc", "id_acc", "")] + [(name, f"ood/{score}/{name}/auroc", floor.get(name)) for name, _ in rows_of(bench)]
+        keys = [("id_acc", "id_acc", None)] + [(name, f"ood/{score}/{name}/auroc", floor.get(name)) for name, _ in rows_of(bench)]
         rows = [[name, _fmt(fl), mean_std([b[key] for b in base]),
                  *(paired([r["final"][m][key] - b[key] for r, b in zip(runs, base)]) for m in methods)]
                 for name, key, fl in keys]

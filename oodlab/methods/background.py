@@ -4,14 +4,15 @@ positions, selected by the head's position logits (see oodlab.losses.BackgroundS
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import torch
 from pydantic import Field
 
-from oodlab.losses import BackgroundSpec, background_loss
 from oodlab.methods.base import ADD, Method, Stats, Step, register_method
 from oodlab.section import Section
+
+if TYPE_CHECKING:
+    import torch
 
 
 class BackgroundConfig(Section):
@@ -32,6 +33,8 @@ class Background(Method):
     name, section, phase = "background", BackgroundConfig, ADD
 
     def __init__(self, cfg: BackgroundConfig, seed: int):
+        from oodlab.losses import BackgroundSpec
+
         super().__init__(cfg, seed)
         self.spec = BackgroundSpec(select=cfg.select, ratio=cfg.ratio, threshold=cfg.threshold, topk=cfg.topk,
                                    norm=cfg.norm, margin=cfg.margin)
@@ -39,6 +42,8 @@ class Background(Method):
     def loss(self, step: Step, loss: torch.Tensor) -> tuple[torch.Tensor, Stats]:
         if step.epoch < self.cfg.warmup_epochs:
             return loss, {}
+        from oodlab.losses import background_loss
+
         term, stats = background_loss(step.fmap, step.position_logits, step.labels, self.spec)
         return loss + self.cfg.weight * term, {"bg_term": term.detach(), **{f"bg_{k}": v for k, v in stats.items()}}
 

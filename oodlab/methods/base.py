@@ -16,18 +16,19 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from oodlab.losses import PositionLogits
 from oodlab.section import Section
+
+if TYPE_CHECKING:  # torch loads when a method runs, not when a config is validated against the sections
+    import torch
+    from torch import nn
+
+    from oodlab.losses import PositionLogits
 
 PREPARE, OBJECTIVE, FLOOR, ADD = range(4)  # phases: the order of loss terms and tags
 
-Stats = dict[str, "torch.Tensor | float"]
+Stats = dict[str, Any]  # name -> a batch mean (a tensor on the device, or a float)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,8 @@ class TrainMethod:
 
     def loss(self, step: Step) -> tuple[torch.Tensor, Stats]:
         """Cross-entropy, then every method's term in phase order; and what to log (tensors stay on the device)."""
+        import torch.nn.functional as F
+
         ce = F.cross_entropy(step.logits, step.labels)
         loss, stats = ce, {"ce": ce.detach()}
         for method in self.active:

@@ -5,14 +5,15 @@ ascent: the model forgets what it memorised. Under DDP each worker floors its ow
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 from pydantic import Field, model_validator
 
-from oodlab.losses import flooded
 from oodlab.methods.base import FLOOR, Method, Stats, Step, register_method
 from oodlab.section import Section
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ForgetConfig(Section):
@@ -34,6 +35,8 @@ class Forget(Method):
     name, section, phase, needs_threshold = "forget", ForgetConfig, FLOOR, True
 
     def loss(self, step: Step, loss: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+        from oodlab.losses import flooded
+
         return flooded(loss, step.threshold, self.cfg.beta), {}
 
     @classmethod

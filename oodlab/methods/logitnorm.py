@@ -4,14 +4,15 @@ over-confidence that makes OOD inputs score high. The paper's temperature for CI
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 from pydantic import Field
 
-from oodlab.losses import logitnorm_loss
 from oodlab.methods.base import OBJECTIVE, Method, Stats, Step, register_method
 from oodlab.section import Section
+
+if TYPE_CHECKING:
+    import torch
 
 
 class LogitNormConfig(Section):
@@ -23,5 +24,7 @@ class LogitNorm(Method):
     name, section, phase = "logitnorm", LogitNormConfig, OBJECTIVE
 
     def loss(self, step: Step, loss: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+        from oodlab.losses import logitnorm_loss
+
         term = logitnorm_loss(step.logits, step.labels, self.cfg.temperature)
         return term, {"logitnorm": term.detach()}

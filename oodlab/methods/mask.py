@@ -5,15 +5,15 @@ which a config must ask for by name."""
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 from pydantic import Field
-from torch import nn
 
-from oodlab.masking import attach_masks, set_trainable
 from oodlab.methods.base import PREPARE, Method, register_method
 from oodlab.section import Section
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class MaskConfig(Section):
@@ -29,6 +29,10 @@ class Mask(Method):
     name, section, phase = "mask", MaskConfig, PREPARE
 
     def prepare(self, net: nn.Module) -> None:
+        import torch
+
+        from oodlab.masking import attach_masks, set_trainable
+
         attach_masks(net.model, self.cfg.mask_ratio, torch.Generator().manual_seed(self.seed))
         set_trainable(net.model, weights=self.cfg.train_weights, scores=True)
 

@@ -6,14 +6,15 @@ classification term only, as in the Unleashing Mask reference code's OE + UM."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import torch
 from pydantic import Field, model_validator
 
-from oodlab.losses import energy_oe_loss, oe_loss
 from oodlab.methods.base import ADD, Method, Stats, Step, register_method
 from oodlab.section import Section
+
+if TYPE_CHECKING:
+    import torch
 
 
 class OEConfig(Section):
@@ -34,6 +35,8 @@ class OutlierExposure(Method):
     name, section, phase, needs_outliers = "oe", OEConfig, ADD, True
 
     def loss(self, step: Step, loss: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+        from oodlab.losses import energy_oe_loss, oe_loss
+
         if step.outlier_logits is None:
             raise ValueError("oe: the step has no outlier batch; the benchmark needs `outliers`")
         if self.cfg.loss == "ce":
