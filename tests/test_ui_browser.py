@@ -11,7 +11,6 @@ description's first line or the runs page's Views menu. Screenshots are saved un
 
 from __future__ import annotations
 
-import math
 import re
 import shutil
 import subprocess
@@ -68,9 +67,9 @@ def wait_for_text(driver, texts: list[str], timeout_s: float = 120) -> str:
 
 
 def shown(value: float) -> str:
-    """A metric as MLflow's runs table shows it (its Utils.formatMetric): 3 decimals under 10, 2 under 100, else 1."""
-    digits = 3 if abs(value) < 10 else 2 if abs(value) < 100 else 1
-    return f"{math.floor(value * 10**digits + 0.5) / 10**digits:g}"
+    """A metric as MLflow's runs table shows it: the value unformatted, as JavaScript writes a number (the shortest
+    digits that read back the same, as Python's repr, but 100 for 100.0)."""
+    return repr(float(value)).removesuffix(".0")
 
 
 def screenshot(driver, path: Path) -> None:
