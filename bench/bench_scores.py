@@ -81,7 +81,8 @@ def main() -> None:
         own_s[name] = time.perf_counter() - start
 
     n, k = sum(len(loader.indices) for loader in loaders.values()), len(CACHED)
-    print(f"model {args.model} on {device}, {n} images over {len(loaders)} splits, {k + 1} scores (odin runs its own pass)")
+    print(f"model {args.model} on {device}, {n} images over {len(loaders)} splits, {k + 1} scores "
+          "(odin runs its own pass)")
     print("each score on the cache (fit + every split), s: " + ", ".join(f"{s} {t:.3f}" for s, t in own_s.items()))
     print(f"one plain inference pass:               {plain_s:7.2f} s")
     print(f"one cached pass + {k} scores (no ODIN):  {cached_no_odin_s:7.2f} s")

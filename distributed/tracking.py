@@ -138,7 +138,8 @@ def share_runs_view(tracking_uri: str, experiment: str, select: str, groups: Seq
     found = c.get_experiment(experiment_id(tracking_uri, experiment))
     # a saved view in MLflow's envelope, so its Views menu lists it by name
     stamp = now_ms()
-    view = {"name": VIEW_NAME, "createdAt": found.creation_time or stamp, "updatedAt": stamp, "state": json.dumps(state)}
+    view = {"name": VIEW_NAME, "createdAt": found.creation_time or stamp, "updatedAt": stamp,
+            "state": json.dumps(state)}
     c.set_experiment_tag(found.experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(view))
     description = found.tags.get(DESCRIPTION, "")
     c.set_experiment_tag(found.experiment_id, DESCRIPTION, with_view_link(description, found.experiment_id))

@@ -26,7 +26,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValida
                       model_validator)
 
 from oodlab.models import check_model_name
-from oodlab.scores import available_scores
+from oodlab.scores import available_scores, validate_scores
 from oodlab.storage import StoragePath, is_uri, location
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -167,6 +167,8 @@ class EvalConfig(Section):
         unknown = [name for name in value if name not in available_scores()]
         if unknown:
             raise ValueError(f"unknown score(s) {unknown}; available: {', '.join(available_scores())}")
+        if isinstance(value, dict):
+            validate_scores([], value)  # each score's parameter names
         return value
 
     @model_validator(mode="after")

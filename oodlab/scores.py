@@ -126,9 +126,9 @@ def build_scorers(names: list[str], fit: Fit, params: dict[str, dict] | None = N
     for n in names:
         missing = [s for s in _REGISTRY[n].fits_on if getattr(fit, s) is None]
         if missing:
-            raise ValueError(f"score {n!r} is fitted on {' and '.join(missing)} features, which this Fit lacks: compute "
-                             "them (the evaluation engine caches every split a requested score declares in fits_on); "
-                             "a score is never fitted on another split instead")
+            raise ValueError(f"score {n!r} is fitted on {' and '.join(missing)} features, which this Fit lacks: "
+                             "compute them (the evaluation engine caches every split a requested score declares in "
+                             "fits_on); a score is never fitted on another split instead")
     params = params or {}
     with torch.no_grad():
         return {n: torch.no_grad()(_REGISTRY[n].prepare(fit.only(_REGISTRY[n].fits_on), **params.get(n, {})))

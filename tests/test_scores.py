@@ -11,11 +11,11 @@ import torch
 from oodlab.outputs import Head, Outputs
 from oodlab.scores import (
     NEEDS_INPUTS,
+    _REGISTRY,
     Fit,
     activation_percentile,
     ash_features,
     available_scores,
-    _REGISTRY,
     build_scorers,
     fit_splits,
     kth_nearest_distance,
@@ -26,8 +26,8 @@ from oodlab.scores import (
     vim_dim,
 )
 
-CACHED_SCORES = ["msp", "maxlogit", "energy", "gen", "featnorm", "react", "ash", "scale", "knn", "nnguide", "fdbd", "vim",
-                 "mahalanobis"]
+CACHED_SCORES = ["msp", "maxlogit", "energy", "gen", "featnorm", "react", "ash", "scale", "knn", "nnguide", "fdbd",
+                 "vim", "mahalanobis"]
 TRAIN_FITTED = ["knn", "nnguide", "fdbd", "vim", "mahalanobis"]
 
 

@@ -66,6 +66,15 @@ def wait_for_text(driver, texts: list[str], timeout_s: float = 120) -> str:
         time.sleep(1)
 
 
+def wait_for_element(driver, css: str, timeout_s: float = 30):
+    """The first element matching the CSS selector once the page has rendered it."""
+    deadline = time.monotonic() + timeout_s
+    while not (found := driver.find_elements("css selector", css)):
+        assert time.monotonic() < deadline, f"the page never showed {css}"
+        time.sleep(0.5)
+    return found[0]
+
+
 def shown(value: float) -> str:
     """A metric as MLflow's runs table shows it: the value unformatted, as JavaScript writes a number (the shortest
     digits that read back the same, as Python's repr, but 100 for 100.0)."""
@@ -126,14 +135,15 @@ def models_table(driver, state) -> None:
     columns, and, scrolled to the right, every final score's AUROC column with each model's value."""
     from selenium.webdriver.common.by import By
 
-    body = wait_for_text(driver, ["t/baseline", "t/bg", "id_acc", "ood/energy/all/auroc", "matching runs"])
-    assert f"{len(STAGES)} matching runs" in body, "the view lists the stage runs, not the pipeline run"
+    rows = f"{len(STAGES)} matching runs"  # the stage runs only, not the pipeline run
+    body = wait_for_text(driver, ["t/baseline", "t/bg", "id_acc", "ood/energy/all/auroc", rows])
     for name, record in state.stages.items():
         assert shown(record.metrics["id_acc"]) in body, f"{name}: its id_acc is not in the table"
     driver.execute_script("arguments[0].scrollLeft = arguments[0].scrollWidth",
                           driver.find_element(By.CLASS_NAME, "ag-body-horizontal-scroll-viewport"))
     body = wait_for_text(driver, [f"ood/{s}/all/auroc" for s in NEW_SCORES])
-    headers = driver.execute_script("return [...document.querySelectorAll('.ag-header-cell')].map(e => e.getAttribute('col-id'))")
+    headers = driver.execute_script("return [...document.querySelectorAll('.ag-header-cell')]"
+                                    ".map(e => e.getAttribute('col-id'))")
     assert {metric_column(f"ood/{s}/all/auroc") for s in NEW_SCORES} <= set(headers)
     for name, record in state.stages.items():
         for s in NEW_SCORES:
@@ -168,8 +178,9 @@ def test_the_experiment_page_without_the_printed_link_reaches_each_model_in_one_
         wait_for_text(driver, ["Training runs", LINK_TEXT])
         screenshot(driver, tmp / "runs_page_typed.png")
         driver.find_element(By.CSS_SELECTOR, '[data-testid="saved-views-trigger"]').click()
-        wait_for_text(driver, [VIEW_NAME])
-        driver.find_element(By.CSS_SELECTOR, f'[data-testid="saved-views-item-{VIEW_KEY}"]').click()
+        item = wait_for_element(driver, f'[data-testid="saved-views-item-{VIEW_KEY}"]')
+        assert item.text == VIEW_NAME
+        item.click()
         models_table(driver, state)
         screenshot(driver, tmp / "view_from_menu.png")
 
