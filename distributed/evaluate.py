@@ -4,8 +4,9 @@ Each worker runs the model over its FFCV shard of every split (rank r holds samp
 the last round padded like DistributedSampler) and caches logits, pooled features and feature-map
 norms. The shards are gathered and re-interleaved into the original order, so rank 0 holds exactly
 the single-process outputs. All scores except ODIN come from that cache; ODIN runs its own pass.
-Score parameters are fitted on ID train / ID val only; the OOD validation split (`val` metrics, vs ID
-val) is what any selection may look at; test OOD sets are only ever reported.
+Score parameters are fitted on the ID splits each score's registration declares (ID train is run only
+when a requested score declares it); the OOD validation split (`val` metrics, vs ID val) is what any
+selection may look at; test OOD sets are only ever reported.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from oodlab.datapipes.benchmarks import Benchmark
 from oodlab.metrics import id_accuracy, ood_metrics, roc_points, summarize
 from oodlab.models import FeatureNet
 from oodlab.outputs import Outputs
-from oodlab.scores import NEEDS_INPUTS, Fit, build_scorers, odin_scores
+from oodlab.scores import NEEDS_INPUTS, Fit, build_scorers, fit_splits, odin_scores
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-FITS_ON_TRAIN = frozenset({"knn", "mahalanobis"})  # scores fitted on ID-train features
 VAL = "val"  # metrics of the OOD validation split against ID val: the only OOD numbers tuning may use
 
 
@@ -95,12 +95,12 @@ def evaluate(
     """Score every split; every rank must call this; rank 0 gets the Evaluation, the others None.
 
     `loaders` maps every split of the benchmark to this worker's (re-iterable) batches (id_train is
-    only run when a score fits on it); `sizes` gives each split's full sample count.
+    only run when a requested score is fitted on it); `sizes` gives each split's full sample count.
     """
     params = params or {}
     net.eval()
     splits = ["id_val", "id_test", "ood_val", *bench.ood_test]
-    needed = ["id_train", *splits] if FITS_ON_TRAIN & set(scores) else splits
+    needed = ["id_train", *splits] if "id_train" in fit_splits(scores) else splits
     cached = {s: gather_outputs(local_outputs(net, loaders[s]), sizes[s]) for s in needed}
     odin = {}
     if "odin" in scores:
@@ -108,8 +108,8 @@ def evaluate(
                 for s in splits}
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
-    # id_train is only read by FITS_ON_TRAIN scores, and only cached when one of them is asked for
-    fit = Fit(head=net.head().cpu(), id_train=cached.get("id_train", cached["id_val"]), id_val=cached["id_val"])
+    # no id_train unless a requested score declared it: a score fitted on it then fails instead of fitting on id_val
+    fit = Fit(head=net.head().cpu(), id_train=cached.get("id_train"), id_val=cached["id_val"])
     scorers = build_scorers([s for s in scores if s not in NEEDS_INPUTS], fit, params)
     per_score = {name: {s: scorer(cached[s]).numpy() for s in splits} for name, scorer in scorers.items()}
     if odin:

@@ -5,9 +5,14 @@ workers; rank 0 logs metrics, plots and tables to its stage's run with an explic
 node's first worker logs that node's system metrics. After a stage the driver logs its datasets and
 final model to the stage's run and its headline numbers to the pipeline's run.
 
-What the UI shows: the experiment is tagged as model training, and it carries the shared runs view
-that `oodlab ui` opens (`runs_url`): one row per stage run, flat (sorting by a metric un-nests child
-runs in MLflow's table), the headline columns, and charts of the per-epoch curves.
+What the UI shows: the experiment carries a saved runs view (`share_runs_view`): one row per trained model, flat,
+with its headline columns and every score's AUROC, and charts of the per-epoch curves. `oodlab ui` prints the
+link that opens it (`runs_url`); a teammate who opens the experiment on a shared server without that link finds
+it on the first line of the experiment's description, shown atop each of its pages, and under the runs page's
+Views menu. MLflow 3.17.2's UI honours nothing more: the experiment's kind tag (`mlflow.experimentKind`, still
+set) is read only when its workflow switch is off, which that build hard-codes on, so each browser opens in the
+mode it last used (GenAI at first); and its runs table has no experiment-level default, so without the view it
+nests stage runs under their pipeline run and shows no metric columns.
 
 When the server goes away mid-run, training goes on: a RunLogger given a buffer folder keeps what it cannot
 send in a durable local buffer (tracking_buffer) and sends it, in order, once the server answers again;
@@ -38,6 +43,7 @@ from mlflow.tracking import MlflowClient
 
 from oodlab.config import Config, flatten, to_dict
 from oodlab.datapipes.benchmarks import Benchmark
+from oodlab.scores import available_scores
 from oodlab.storage import local_root
 from oodlab.distributed.tracking_buffer import (Buffer, ReplayError, buffered_runs, op_name, replayable, resolve,
                                                unreachable)
@@ -51,7 +57,9 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3 limit for a param value
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3: a model-training experiment
-VIEW_KEY = "oodlab"  # the shared runs view (experiment tag mlflow.sharedViewState.<key>) that `oodlab ui` opens
+VIEW_KEY = "oodlab"  # the saved runs view (experiment tag mlflow.sharedViewState.<key>) that `oodlab ui` opens
+VIEW_NAME = "Models compared (oodlab)"  # its name in the runs page's Views menu
+DESCRIPTION = "mlflow.note.content"  # the experiment's description, shown atop each of its pages
 SYSTEM_METRICS_INTERVAL_S = 5.0
 BUFFER_FOLDER = "mlflow-buffer"  # under <ray.storage_path>/<config name>/ (a local mirror for URI storage)
 
@@ -113,17 +121,39 @@ def stage_headline(stage: str, metrics: Mapping[str, float], select: str, groups
 
 
 def share_runs_view(tracking_uri: str, experiment: str, select: str, groups: Sequence[str]) -> None:
-    """Store the runs view `oodlab ui` opens, as MLflow's shared-view experiment tag.
+    """Store the runs view `oodlab ui` opens as a saved view of the experiment, and link it from the experiment's
+    description.
 
-    Sorting by a metric makes MLflow's table list child runs as rows of their own, so each stage is a row
-    with its headline columns; the charts are narrowed (a regular expression in the charts' search box) to
-    the per-epoch curves of the stage runs, leaving out the pipeline runs' one-point summaries.
+    The view lists the runs that have an `id_acc`, that is one row per trained or evaluated model (pipeline and
+    sweep runs, and estimate stages, have none), sorted by a metric (which lists child runs as rows of their own),
+    with the headline columns and every score's AUROC over all OOD sets; the charts are narrowed (a regular
+    expression in the charts' search box) to the headline per-epoch curves.
     """
-    state = {"searchFilter": "", "orderByKey": metric_column(f"ood/{select}/all/auroc"), "orderByAsc": False,
-             "selectedColumns": ["attributes.`Models`", *map(metric_column, headline_keys(select, groups))],
+    state = {"searchFilter": f"{metric_column('id_acc')} >= 0",
+             "orderByKey": metric_column(f"ood/{select}/all/auroc"), "orderByAsc": False,
+             "selectedColumns": ["attributes.`Models`", *map(metric_column, headline_keys(select, groups)),
+                                 *(metric_column(f"ood/{s}/all/auroc") for s in available_scores() if s != select)],
              "chartsSearchFilter": f"^(ood/{re.escape(select)}/(val|all)/(auroc|fpr95)|id_acc|id_val_acc|train/loss)$"}
-    key = f"mlflow.sharedViewState.{VIEW_KEY}"
-    client(tracking_uri).set_experiment_tag(experiment_id(tracking_uri, experiment), key, json.dumps(state))
+    c = client(tracking_uri)
+    found = c.get_experiment(experiment_id(tracking_uri, experiment))
+    # a saved view in MLflow's envelope, so its Views menu lists it by name
+    stamp = now_ms()
+    view = {"name": VIEW_NAME, "createdAt": found.creation_time or stamp, "updatedAt": stamp,
+            "state": json.dumps(state)}
+    c.set_experiment_tag(found.experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(view))
+    description = found.tags.get(DESCRIPTION, "")
+    c.set_experiment_tag(found.experiment_id, DESCRIPTION, with_view_link(description, found.experiment_id))
+
+
+def with_view_link(description: str, experiment_id: str) -> str:
+    """`description` with the link to the saved view as its first paragraph (MLflow shows a description collapsed
+    to its first line): replacing an earlier such link, keeping whatever else is written there."""
+    first, _, rest = description.partition("\n\n")
+    if f"viewStateShareKey={VIEW_KEY})" not in first:
+        rest = description
+    link = (f"**[Compare the trained models]({runs_path(experiment_id)})**: one row per model with its OOD metrics "
+            f"(the saved view *{VIEW_NAME}*, also under Views)")
+    return f"{link}\n\n{rest}" if rest.strip() else link
 
 
 def metric_column(key: str) -> str:
@@ -131,10 +161,15 @@ def metric_column(key: str) -> str:
     return f"metrics.`{key}`"
 
 
+def runs_path(experiment_id: str) -> str:
+    """The experiment's runs page in the saved view, relative to the UI's address. `workflowType` is needed: MLflow
+    3.17's UI opens in the mode the browser last used (GenAI at first), whatever the experiment's kind tag says."""
+    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+
+
 def runs_url(base_url: str, experiment_id: str) -> str:
-    """The experiment's runs page in the shared view (MLflow 3.17's UI opens on its GenAI pages without
-    `workflowType`, whatever the experiment's kind tag says)."""
-    return f"{base_url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+    """The experiment's runs page in the saved view, on the UI at `base_url`."""
+    return f"{base_url}/{runs_path(experiment_id)}"
 
 
 def start_run(tracking_uri: str, experiment: str, name: str, tags: Mapping[str, str],

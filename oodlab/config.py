@@ -27,7 +27,7 @@ from pydantic import (BaseModel, Field, PlainSerializer, PlainValidator, Validat
 
 from oodlab.methods import registered
 from oodlab.models import check_model_name
-from oodlab.scores import available_scores
+from oodlab.scores import available_scores, validate_scores
 from oodlab.section import Section
 from oodlab.storage import StoragePath, is_uri, location
 
@@ -121,9 +121,10 @@ Stage = Annotated[Union[TrainStage, EstimateStage, EvalStage], Field(discriminat
 
 class EvalConfig(Section):
     scores: list[str] = ["msp", "energy"]  # cheap per-epoch subset
-    final_scores: list[str] = ["msp", "maxlogit", "energy", "odin", "react", "ash", "knn", "mahalanobis", "featnorm"]
+    final_scores: list[str] = ["msp", "maxlogit", "energy", "gen", "odin", "react", "ash", "scale", "knn", "nnguide",
+                               "fdbd", "vim", "mahalanobis", "featnorm"]
     params: dict[str, dict[str, Any]] = {}  # per-score parameters, e.g. {odin: {temperature: 1000}}
-    knn_bank_size: PositiveInt = 50_000  # ID-train features kept for knn/mahalanobis (evenly subsampled)
+    knn_bank_size: PositiveInt = 50_000  # ID-train features kept for the scores fitted on them (evenly subsampled)
     select: str = "energy"  # the score whose OOD-validation fpr95 marks the best epoch (must be in scores)
     # the best epoch is chosen among those whose ID validation accuracy is within this many points of the best
     best_epoch_max_acc_drop: Annotated[float, Field(ge=0)] = 5.0
@@ -134,6 +135,8 @@ class EvalConfig(Section):
         unknown = [name for name in value if name not in available_scores()]
         if unknown:
             raise ValueError(f"unknown score(s) {unknown}; available: {', '.join(available_scores())}")
+        if isinstance(value, dict):
+            validate_scores([], value)  # each score's parameter names
         return value
 
     @model_validator(mode="after")

@@ -61,6 +61,8 @@ def test_shipped_recipes_validate_without_their_data_and_match_the_reference(tmp
         ("model.name=resnet18_cifr", "model.name: unknown model 'resnet18_cifr'. Did you mean: resnet18_cifar"),
         ("eval.scores=[msp,energi]", "eval.scores: unknown score(s) ['energi']; available: ash, energy,"),
         ("eval.select=knn", "eval.select: 'knn' must be in both scores and final_scores"),
+        ("eval.params={gen: {gama: 0.5}}", "eval.params: score 'gen' got unknown parameter(s) ['gama']; accepted "
+                                           "parameters: ['gamma', 'top_m']"),
         ("stages.um.init=nope.pt", "stages.um.init: 'nope.pt' is neither an earlier train stage (['baseline'])"),
         ("stages.um.init=estimate", "stages.um.init: 'estimate' is an estimate stage"),
         ("stages.um.forget.estimate=baseline", "stages.um.forget.estimate: 'baseline' is not an earlier estimate stage"),

@@ -7,15 +7,16 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from oodlab.datapipes.benchmarks import get_benchmark
 from oodlab.datapipes.loaders import LoaderSpec, build_loader
-from oodlab.distributed.evaluate import Evaluation, gather_outputs, gather_rows, local_outputs
+from oodlab.distributed.evaluate import Evaluation, evaluate, gather_outputs, gather_rows, local_outputs
 from oodlab.models import FeatureNet, create_model
-from oodlab.scores import Fit, build_scorers
+from oodlab.scores import NEEDS_INPUTS, Fit, available_scores, build_scorers
 
 SPLIT = "id_val"  # 195 samples: odd, so the 2-way shard pads one sample
 
@@ -83,8 +84,48 @@ def test_cached_scores_from_one_pass_match_recomputation(demo_root):
     loader = build_loader(bench, LoaderSpec(bench.path(demo_root, SPLIT), 64))
     cached = local_outputs(net, loader)
     fit = Fit(head=net.head(), id_train=cached, id_val=cached)
-    names = ["msp", "maxlogit", "energy", "react", "ash", "knn", "mahalanobis", "featnorm"]
+    names = [n for n in available_scores() if n not in NEEDS_INPUTS]
     scorers = build_scorers(names, fit, {"knn": {"k": 5}})
     again = local_outputs(net, loader)
     for name, scorer in scorers.items():
         np.testing.assert_allclose(scorer(cached).numpy(), scorer(again).numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+class _Counted:
+    """Batches that count how often they are run through (a loader stand-in)."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.batches, self.runs = batches, 0
+
+    def __iter__(self):
+        self.runs += 1
+        return iter(self.batches)
+
+
+@pytest.mark.parametrize("scores, runs_train", [(["msp", "gen", "scale", "react", "featnorm"], False),
+                                                (["msp", "vim", "nnguide"], True)])
+def test_evaluate_runs_id_train_only_for_a_score_fitted_on_it(scores, runs_train):
+    """ID train goes through the model only when a requested score declares it; the train-fitted scores are then
+    fitted on ID train, not ID val."""
+    bench = get_benchmark("digits")
+    g = torch.Generator().manual_seed(0)
+
+    def batches(labelled: bool) -> _Counted:
+        x = torch.rand(24, 3, 32, 32, generator=g)
+        y = torch.randint(0, 10, (24,), generator=g) if labelled else torch.full((24,), -1)
+        return _Counted([(x[:16], y[:16]), (x[16:], y[16:])])
+
+    loaders = {s: batches(s.startswith("id_")) for s in bench.splits}
+    torch.manual_seed(0)
+    net = FeatureNet(create_model("resnet_tiny_cifar", num_classes=10)).eval()
+    vim = {"dim": 8}  # 24 ID-train samples span at most 24 of the 128 feature dimensions (default dim: 64)
+    result = evaluate(net, loaders, {s: 24 for s in bench.splits}, bench, scores, {"vim": vim})
+    assert loaders["id_train"].runs == int(runs_train) and loaders["id_val"].runs == 1
+    assert sorted(result.scores) == sorted(scores)
+    if runs_train:
+        train, val = local_outputs(net, loaders["id_train"]), local_outputs(net, loaders["id_val"])
+        test = local_outputs(net, loaders["id_test"])
+        on_train = build_scorers(["vim"], Fit(net.head(), id_train=train), {"vim": vim})["vim"](test).numpy()
+        on_val = build_scorers(["vim"], Fit(net.head(), id_train=val), {"vim": vim})["vim"](test).numpy()
+        np.testing.assert_allclose(result.scores["vim"]["id_test"], on_train, rtol=1e-5, atol=1e-5)
+        assert not np.allclose(result.scores["vim"]["id_test"], on_val, rtol=1e-3, atol=1e-3)

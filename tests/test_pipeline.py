@@ -23,9 +23,10 @@ from oodlab.cli import main
 from oodlab.datapipes.benchmarks import get_benchmark
 from oodlab.distributed import checkpoint, pipeline
 from oodlab.models import create_model
+from oodlab.scores import available_scores
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-ALL_SCORES = ["msp", "maxlogit", "energy", "odin", "react", "ash", "knn", "mahalanobis", "featnorm"]
+ALL_SCORES = available_scores()
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +75,13 @@ def test_mlflow_holds_what_a_user_compares(trained):
     client = MlflowClient(cfg.mlflow.tracking_uri)
     experiment = client.get_experiment_by_name("test")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    view = json.loads(experiment.tags["mlflow.sharedViewState.oodlab"])
+    saved = json.loads(experiment.tags["mlflow.sharedViewState.oodlab"])  # a saved view, as MLflow's Views menu lists
+    view = json.loads(saved["state"])
+    assert saved["name"] == "Models compared (oodlab)" and saved["createdAt"] == experiment.creation_time
     assert view["orderByKey"] == "metrics.`ood/energy/all/auroc`" and "metrics.`id_acc`" in view["selectedColumns"]
+    assert view["searchFilter"] == "metrics.`id_acc` >= 0"  # the stage runs: one row per model
+    link = f"(#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=oodlab)"
+    assert experiment.tags["mlflow.note.content"].startswith(f"**[Compare the trained models]{link}**")
 
     run = client.get_run(state.stages["train"].run_id)
     bench = get_benchmark("digits")

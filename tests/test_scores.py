@@ -11,17 +11,24 @@ import torch
 from oodlab.outputs import Head, Outputs
 from oodlab.scores import (
     NEEDS_INPUTS,
+    _REGISTRY,
     Fit,
     activation_percentile,
     ash_features,
     available_scores,
     build_scorers,
+    fit_splits,
     kth_nearest_distance,
     odin_scores,
+    register_score,
+    scale_features,
     validate_scores,
+    vim_dim,
 )
 
-CACHED_SCORES = ["msp", "maxlogit", "energy", "featnorm", "react", "ash", "knn", "mahalanobis"]
+CACHED_SCORES = ["msp", "maxlogit", "energy", "gen", "featnorm", "react", "ash", "scale", "knn", "nnguide", "fdbd",
+                 "vim", "mahalanobis"]
+TRAIN_FITTED = ["knn", "nnguide", "fdbd", "vim", "mahalanobis"]
 
 
 def outputs(features, logits=None, labels=None, featnorm=None) -> Outputs:
@@ -78,6 +85,30 @@ def test_energy_hand_case():
     # T = 2: 2 * log(e^(2/2) + e^0), 2 * log 2, 2 * log(e^-0.5 + e^0.5)
     expected = [2 * math.log(math.e + 1), 2 * math.log(2), 2 * math.log(math.exp(-0.5) + math.exp(0.5))]
     close(score("energy", out, temperature=2.0), expected)
+
+
+def test_gen_hand_case():
+    # logits [log 3, 0] -> p = [3/4, 1/4]; logits [log 2, 0, 0] -> p = [1/2, 1/4, 1/4]
+    two = outputs([[0.0, 0.0]], logits=[[math.log(3), 0.0]])
+    three = Outputs(torch.tensor([[math.log(2), 0.0, 0.0]]), torch.zeros(1, 2), torch.zeros(1), torch.tensor([-1]))
+    # gamma = 1: p (1 - p) = 3/16 for both classes -> -3/8
+    close(score("gen", two, gamma=1.0), [-3 / 8])
+    # gamma = 0.5: 2 * sqrt(3/16) = sqrt(3) / 2
+    close(score("gen", two, gamma=0.5), [-math.sqrt(3) / 2])
+    # gamma = 1, M = 2: the two largest, 1/2 * 1/2 + 1/4 * 3/4 = 7/16; M = 3 (and any M above 3): + 3/16 = 10/16
+    close(score("gen", three, gamma=1.0, top_m=2), [-7 / 16])
+    close(score("gen", three, gamma=1.0, top_m=3), [-10 / 16])
+    close(score("gen", three, gamma=1.0), [-10 / 16])
+    # the defaults, gamma = 0.1 and M = 100 (every class here): (1/4)^0.1 + 2 * (3/16)^0.1
+    close(score("gen", three), [-(0.25**0.1 + 2 * (3 / 16) ** 0.1)])
+
+
+def test_gen_rejects_bad_parameters():
+    out = outputs([[0.0, 0.0]], logits=[[1.0, 0.0]])
+    with pytest.raises(ValueError, match="gen gamma must be > 0"):
+        score("gen", out, gamma=0.0)
+    with pytest.raises(ValueError, match="gen top_m must be >= 1"):
+        score("gen", out, top_m=0)
 
 
 def test_featnorm_returns_cached_featnorm():
@@ -143,6 +174,30 @@ def test_ash_rejects_bad_variant_and_percentile_that_prunes_everything():
         ash_features(torch.tensor(ASH_X), 95, "b")
 
 
+# ----------------------------------------------------------------------------- scale
+
+# ASH_X again, percentile 40 (k = 3 kept for s2): SCALE multiplies *every* activation by exp(s1 / s2), pruning none.
+SCALE_EXPECTED = [[S0, 4 * S0, 0, 3 * S0, 2 * S0], [S1, 0.5 * S1, 2 * S1, 4 * S1, 0]]
+
+
+def test_scale_features_hand_case():
+    close(scale_features(torch.tensor(ASH_X), 40), SCALE_EXPECTED)
+    # an all-zero sample (s1 = s2 = 0) stays zero instead of becoming NaN
+    close(scale_features(torch.zeros(1, 5), 40), [[0.0] * 5])
+
+
+def test_scale_score_is_energy_of_head_on_scaled_features():
+    head = Head(weight=torch.tensor([[1.0, 1, 0, 0, 0], [0.0, 0, 1, 1, 1]]), bias=torch.zeros(2))
+    fit = Fit(head=head)
+    # row 0: logits [5 S0, 5 S0] -> 5 S0 + log 2; row 1: [1.5 S1, 6 S1] -> log(e^(1.5 S1) + e^(6 S1))
+    expected = [5 * S0 + math.log(2), math.log(math.exp(1.5 * S1) + math.exp(6 * S1))]
+    close(score("scale", outputs(ASH_X), fit, percentile=40), expected, tol=1e-4)
+    # ASH-S on the same row 0 prunes x0 = 1: logits [4 S0, 5 S0], a different answer
+    assert abs(score("ash", outputs(ASH_X), fit, percentile=40, variant="s")[0].item() - expected[0]) > 0.5
+    with pytest.raises(ValueError, match="scale percentile=95 prunes all 5 features"):
+        score("scale", outputs(ASH_X), fit, percentile=95)
+
+
 # ----------------------------------------------------------------------------- knn
 
 
@@ -172,6 +227,79 @@ def test_knn_matches_numpy_brute_force():
 def test_knn_k_larger_than_bank_is_an_error():
     with pytest.raises(ValueError, match=r"knn k=3 .*\[1, 2\]"):
         build_scorers(["knn"], identity_fit(), {"knn": {"k": 3}})
+
+
+# ----------------------------------------------------------------------------- nnguide
+
+
+def test_nnguide_hand_case():
+    # ID train: features [1, 0] (logits [0, 0]: energy log 2) and [0, 2] (logits [log 3, 0]: energy log 4)
+    # guide bank = normalised features * energy = [log 2, 0], [0, 2 log 2]
+    train = outputs([[1.0, 0.0], [0.0, 2.0]], logits=[[0.0, 0.0], [math.log(3), 0.0]], labels=[0, 1])
+    fit = Fit(head=Head(torch.eye(2), torch.zeros(2)), id_train=train, id_val=outputs([[5.0, 5.0]], labels=[0]))
+    # query [3, 4] -> [0.6, 0.8]: inner products 0.6 log 2 and 1.6 log 2; its logits [log 7, 0]: energy log 8
+    query = outputs([[3.0, 4.0]], logits=[[math.log(7), 0.0]])
+    ln2 = math.log(2)
+    close(score("nnguide", query, fit, k=1), [3 * ln2 * 1.6 * ln2])  # energy * largest inner product
+    close(score("nnguide", query, fit, k=2), [3 * ln2 * 1.1 * ln2])  # energy * mean of the two
+    with pytest.raises(ValueError, match=r"nnguide k=3 .*\[1, 2\]"):
+        score("nnguide", query, fit, k=3)
+
+
+# ----------------------------------------------------------------------------- fdbd
+
+
+def test_fdbd_hand_case():
+    # W rows [1, 0], [0, 1], [-1, 0], b = 0: ||w0 - w1|| = sqrt 2, ||w0 - w2|| = 2, ||w1 - w2|| = sqrt 2
+    head = Head(weight=torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]), bias=torch.zeros(3))
+    # ID-train mean [0, 0]; ID val (mean [10, 10]) must not be used
+    fit = Fit(head=head, id_train=outputs([[1.0, 1.0], [-1.0, -1.0]], labels=[0, 1]),
+              id_val=outputs([[10.0, 10.0]], labels=[0]))
+    # x = [3, 1]: logits [3, 1, -3], c = 0: (|3 - 1| / sqrt 2 + |3 + 3| / 2) / 2 = (sqrt 2 + 3) / 2; ||x|| = sqrt 10
+    # x = [0, 2]: logits [0, 2, 0], c = 1: (2 / sqrt 2 + 2 / sqrt 2) / 2 = sqrt 2; ||x|| = 2
+    out = outputs([[3.0, 1.0], [0.0, 2.0]], logits=[[3.0, 1.0, -3.0], [0.0, 2.0, 0.0]])
+    close(score("fdbd", out, fit), [(math.sqrt(2) + 3) / 2 / math.sqrt(10), math.sqrt(2) / 2])
+
+
+# ----------------------------------------------------------------------------- vim
+
+# ID-train features about the origin o: covariance (1/6) sum x x^T = diag(8, 2, 0.5) / 6, so the principal subspace
+# of dim 2 is axes 0 and 1 and the residual is |x_2|. W = [[1, 0, 0], [0, 1, 0]]: train logits W (x - o) have max
+# 2, 0, 1, 0, 0, 0 (mean 1/2); residual norms 0, 0, 0, 0, 0.5, 0.5 (mean 1/6) -> alpha = 3.
+VIM_CENTRED = [[2.0, 0, 0], [-2.0, 0, 0], [0, 1.0, 0], [0, -1.0, 0], [0, 0, 0.5], [0, 0, -0.5]]
+
+
+@pytest.mark.parametrize("bias", [(0.0, 0.0), (1.0, -1.0)])
+def test_vim_hand_case(bias):
+    # o = -pinv(W) b = -W^T b: [0, 0, 0], or [-1, 1, 0] for b = [1, -1]; features are o + the centred ones, so the
+    # logits W x + b = W (x - o) are the same for both biases
+    origin = torch.tensor([-bias[0], -bias[1], 0.0])
+    head = Head(weight=torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]), bias=torch.tensor(bias))
+    centred = torch.tensor(VIM_CENTRED)
+    train = outputs(centred + origin, logits=centred[:, :2], labels=[0, 1, 0, 1, 0, 1])
+    fit = Fit(head=head, id_train=train, id_val=outputs(torch.ones(2, 3) * 7, labels=[0, 1]))
+    # x - o = [1, 0, 2]: logits [1, 0], energy log(e + 1), residual 2 -> log(e + 1) - 3 * 2; x - o = 0: log 2
+    queries = torch.tensor([[1.0, 0, 2.0], [0.0, 0, 0]])
+    got = score("vim", outputs(queries + origin, logits=queries[:, :2]), fit, dim=2)
+    close(got, [math.log(math.e + 1) - 6, math.log(2)])
+    # the paper's form: the virtual logit 3 * 2 = 6 has softmax p0 = e^6 / (e + 1 + e^6); the score is log((1-p0)/p0)
+    p0 = math.exp(6) / (math.e + 1 + math.exp(6))
+    close(got[:1], [math.log((1 - p0) / p0)])
+
+
+def test_vim_default_dimension_and_bad_dimension():
+    assert [vim_dim(d) for d in (128, 256, 512, 2048, 4096)] == [64, 128, 256, 1000, 1000]
+    train = outputs(torch.tensor(VIM_CENTRED), logits=torch.tensor(VIM_CENTRED)[:, :2], labels=[0, 1, 0, 1, 0, 1])
+    fit = Fit(head=Head(torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]), torch.zeros(2)), id_train=train)
+    # default dim for 3 features = 1: P = axis 0, the residual is ||(x1, x2)||; train residuals 0, 0, 1, 1, .5, .5
+    # (mean 1/2) -> alpha = (1/2) / (1/2) = 1; query [1, 0, 2]: log(e + 1) - 2
+    query = outputs([[1.0, 0.0, 2.0]], logits=[[1.0, 0.0]])
+    close(score("vim", query, fit), [math.log(math.e + 1) - 2])
+    with pytest.raises(ValueError, match=r"vim dim=3 must be in \[1, 2\]"):
+        score("vim", query, fit, dim=3)
+    flat = outputs(torch.tensor(VIM_CENTRED[:4]), logits=torch.zeros(4, 2), labels=[0, 1, 0, 1])  # rank 2
+    with pytest.raises(ValueError, match="no component outside their top 2 principal directions"):
+        score("vim", query, Fit(fit.head, id_train=flat), dim=2)
 
 
 # ----------------------------------------------------------------------------- mahalanobis
@@ -251,6 +379,44 @@ def test_odin_is_registered_but_needs_inputs():
 
 def test_available_scores():
     assert available_scores() == sorted([*CACHED_SCORES, "odin"])
+
+
+def test_registrations_declare_what_each_score_is_fitted_on():
+    assert [n for n in CACHED_SCORES if fit_splits([n]) == ["id_train"]] == TRAIN_FITTED
+    assert fit_splits(["react"]) == ["id_val"] and fit_splits(["msp", "gen", "scale", "ash", "odin"]) == []
+    assert fit_splits(["react", "vim", "energy"]) == ["id_train", "id_val"]
+
+
+@pytest.mark.parametrize("name", TRAIN_FITTED)
+def test_a_train_fitted_score_cannot_run_without_id_train_features(name):
+    fit = identity_fit()
+    with pytest.raises(ValueError, match=f"score '{name}' is fitted on id_train features, which this Fit lacks"):
+        build_scorers([name], Fit(fit.head, id_train=None, id_val=fit.id_val))
+
+
+def test_a_score_sees_only_the_splits_it_declares():
+    seen = {}
+
+    @register_score("_reads_train_undeclared")
+    def reads(out, fit):
+        seen["fit"] = fit
+        return fit.id_train.features.sum(dim=1)
+
+    try:
+        scorer = build_scorers(["_reads_train_undeclared"], identity_fit())["_reads_train_undeclared"]
+        with pytest.raises(AttributeError):  # its Fit has no id_train (and no id_val): nothing to fall back on
+            scorer(outputs([[1.0, 2.0]]))
+        assert seen["fit"].id_train is None and seen["fit"].id_val is None
+    finally:
+        _REGISTRY.pop("_reads_train_undeclared")
+    with pytest.raises(ValueError, match="fits_on \\['ood_val'\\] are not splits"):
+        register_score("_bad", fits_on=("ood_val",))(lambda out, fit: out.logits[:, 0])
+    assert "_bad" not in available_scores()
+
+
+def test_registering_a_taken_name_is_an_error():
+    with pytest.raises(ValueError, match="score 'energy' is already registered"):
+        register_score("energy")(lambda out, fit: out.logits[:, 0])
 
 
 def test_unknown_score_lists_available_names():

@@ -160,6 +160,9 @@ def test_the_starting_accuracy_comes_from_the_checkpoint_meta(tmp_path):
      {"ood_val": "the objective ood/knn/val/auroc (OOD side)",
       "id_val": "the objective ood/knn/val/auroc (ID side); id_val_acc (the 1-point bound)",
       "id_train": "fitting the knn score"}),
+    ({"metric": "ood/react/val/fpr95", "mode": "min"},
+     {"ood_val": "the objective ood/react/val/fpr95 (OOD side)",
+      "id_val": "the objective ood/react/val/fpr95 (ID side); fitting the react score"}),
 ])
 def test_the_selection_statement_lists_what_the_search_reads_and_no_test_set(tmp_path, search, read):
     raw = base_raw(tmp_path, tmp_path / "data", {"space": {"stages.train.lr": {"dist": "uniform", "low": 0.01,

@@ -2,8 +2,11 @@
 
 A tiny two-stage pipeline writes a sqlite store; `oodlab ui` serves it on a free port on 127.0.0.1; the page
 `oodlab ui` prints must show each stage as its own row with OOD metric columns, chart the stages' per-epoch
-curves together, and the pipeline's report.html must render in MLflow's artifact viewer with its images.
-Screenshots are saved under the test's temp folder (their paths are printed).
+curves together, and the pipeline's report.html must render in MLflow's artifact viewer with its images. A
+teammate without that link, in a fresh browser (MLflow opens it in GenAI mode), who types the experiment's runs
+page or clicks the experiment on the server's home page, must reach the same table in one click: from the
+description's first line or the runs page's Views menu. Screenshots are saved under the test's temp folder
+(their paths are printed).
 """
 
 from __future__ import annotations
@@ -22,11 +25,15 @@ from servers import free_port, stop, wait_for_http
 
 from oodlab import config
 from oodlab.distributed import pipeline
+from oodlab.distributed.tracking import VIEW_KEY, VIEW_NAME, metric_column, runs_path, with_view_link
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 CHROMIUM, CHROMEDRIVER = "chromium", "chromedriver"
 STAGES = {"baseline": {"epochs": 2, "lr": 0.05},
           "bg": {"init": "baseline", "epochs": 1, "lr": 0.01, "background": {"weight": 0.1}}}
+NEW_SCORES = ["gen", "scale", "fdbd", "vim", "nnguide"]
+EVAL = {"scores": ["msp", "energy"], "final_scores": ["msp", "energy", *NEW_SCORES]}
+LINK_TEXT = "Compare the trained models"  # the description's first line
 SETUP_HINT = "run `make setup` (scripts/setup.sh installs Debian's chromium and chromium-driver, and selenium)"
 
 
@@ -59,6 +66,21 @@ def wait_for_text(driver, texts: list[str], timeout_s: float = 120) -> str:
         time.sleep(1)
 
 
+def wait_for_element(driver, css: str, timeout_s: float = 30):
+    """The first element matching the CSS selector once the page has rendered it."""
+    deadline = time.monotonic() + timeout_s
+    while not (found := driver.find_elements("css selector", css)):
+        assert time.monotonic() < deadline, f"the page never showed {css}"
+        time.sleep(0.5)
+    return found[0]
+
+
+def shown(value: float) -> str:
+    """A metric as MLflow's runs table shows it: the value unformatted, as JavaScript writes a number (the shortest
+    digits that read back the same, as Python's repr, but 100 for 100.0)."""
+    return repr(float(value)).removesuffix(".0")
+
+
 def screenshot(driver, path: Path) -> None:
     driver.save_screenshot(str(path))
     print(f"screenshot: {path}")
@@ -69,7 +91,7 @@ def served(tmp_path_factory, demo_root):
     """A finished two-stage pipeline and `oodlab ui` serving its store; yields (state, page URL, base URL, tmp)."""
     tmp = tmp_path_factory.mktemp("ui")
     path = tmp / "cfg.yaml"
-    path.write_text(yaml.safe_dump({**tiny_raw(tmp, demo_root), "stages": STAGES}))
+    path.write_text(yaml.safe_dump({**tiny_raw(tmp, demo_root), "stages": STAGES, "eval": EVAL}))
     state = pipeline.run(config.load(path))
     port = free_port()
     log = tmp / "ui.log"
@@ -95,7 +117,7 @@ def test_runs_page_shows_each_stage_with_ood_columns_and_their_curves(served):
         # table renders only the columns in view: the first headline columns.
         body = wait_for_text(driver, ["t/baseline", "t/bg", "id_acc", "ood/energy/all/auroc", "ood/energy/all/fpr95"])
         for name, record in state.stages.items():
-            assert f"{record.metrics['id_acc']:.10f}"[:5] in body, f"{name}: its id_acc is not in the table"
+            assert shown(record.metrics["id_acc"]) in body, f"{name}: its id_acc is not in the table"
         assert "GenAI" not in driver.current_url and "Runs" in body
         screenshot(driver, tmp / "runs_page.png")
 
@@ -104,6 +126,72 @@ def test_runs_page_shows_each_stage_with_ood_columns_and_their_curves(served):
                                         "t/bg (ood/energy/val/fpr95)"])
         assert "Model metrics (0)" not in charts
         screenshot(driver, tmp / "charts.png")
+    finally:
+        driver.quit()
+
+
+def models_table(driver, state) -> None:
+    """The saved view as the page shows it: a row per trained model (no pipeline row), its ID accuracy and headline
+    columns, and, scrolled to the right, every final score's AUROC column with each model's value."""
+    from selenium.webdriver.common.by import By
+
+    rows = f"{len(STAGES)} matching runs"  # the stage runs only, not the pipeline run
+    body = wait_for_text(driver, ["t/baseline", "t/bg", "id_acc", "ood/energy/all/auroc", rows])
+    for name, record in state.stages.items():
+        assert shown(record.metrics["id_acc"]) in body, f"{name}: its id_acc is not in the table"
+    driver.execute_script("arguments[0].scrollLeft = arguments[0].scrollWidth",
+                          driver.find_element(By.CLASS_NAME, "ag-body-horizontal-scroll-viewport"))
+    body = wait_for_text(driver, [f"ood/{s}/all/auroc" for s in NEW_SCORES])
+    headers = driver.execute_script("return [...document.querySelectorAll('.ag-header-cell')]"
+                                    ".map(e => e.getAttribute('col-id'))")
+    assert {metric_column(f"ood/{s}/all/auroc") for s in NEW_SCORES} <= set(headers)
+    for name, record in state.stages.items():
+        for s in NEW_SCORES:
+            assert shown(record.metrics[f"ood/{s}/all/auroc"]) in body, f"{name}: no {s} AUROC in the table"
+
+
+def click_description_link(driver) -> None:
+    """Click the link on the description's first line; it opens in a new tab, which becomes the current one."""
+    from selenium.webdriver.common.by import By
+
+    wait_for_text(driver, [LINK_TEXT])
+    for got_it in driver.find_elements(By.XPATH, "//button[normalize-space()='Got it']"):  # a GenAI tip over the page
+        got_it.click()
+    tabs = len(driver.window_handles)
+    driver.find_element(By.PARTIAL_LINK_TEXT, LINK_TEXT).click()
+    deadline = time.monotonic() + 30
+    while len(driver.window_handles) == tabs:
+        assert time.monotonic() < deadline, "the description's link opened no tab"
+        time.sleep(0.5)
+    driver.switch_to.window(driver.window_handles[-1])
+
+
+def test_the_experiment_page_without_the_printed_link_reaches_each_model_in_one_click(served):
+    state, page, base, tmp = served
+    from selenium.webdriver.common.by import By
+
+    experiment = re.search(r"#/experiments/(\d+)/", page).group(1)
+    driver = browser()  # a fresh profile: MLflow opens it in GenAI mode, the experiment's kind tag notwithstanding
+    try:
+        # The runs page, typed by hand: the description's first line carries the link, and Views lists the view.
+        driver.get(f"{base}/#/experiments/{experiment}/runs")
+        wait_for_text(driver, ["Training runs", LINK_TEXT])
+        screenshot(driver, tmp / "runs_page_typed.png")
+        driver.find_element(By.CSS_SELECTOR, '[data-testid="saved-views-trigger"]').click()
+        item = wait_for_element(driver, f'[data-testid="saved-views-item-{VIEW_KEY}"]')
+        assert item.text == VIEW_NAME
+        item.click()
+        models_table(driver, state)
+        screenshot(driver, tmp / "view_from_menu.png")
+
+        # The server's home page, the experiment's name, then the description's link.
+        driver.get(f"{base}/")
+        wait_for_text(driver, ["Recent Experiments", "test"])
+        driver.find_element(By.LINK_TEXT, "test").click()
+        click_description_link(driver)
+        assert "workflowType=machine_learning" in driver.current_url
+        models_table(driver, state)
+        screenshot(driver, tmp / "view_from_home.png")
     finally:
         driver.quit()
 
@@ -137,3 +225,11 @@ def test_report_renders_in_the_artifact_viewer_with_its_images(served):
         screenshot(driver, tmp / "report_images.png")
     finally:
         driver.quit()
+
+
+def test_the_description_link_goes_first_and_keeps_what_a_teammate_wrote():
+    link = with_view_link("", "7")
+    assert link.startswith(f"**[{LINK_TEXT}]({runs_path('7')})**") and "\n" not in link
+    notes = "Baselines for the March review.\n\nAsk Ana before deleting runs."
+    assert with_view_link(notes, "7") == f"{link}\n\n{notes}"
+    assert with_view_link(with_view_link(notes, "7"), "7") == f"{link}\n\n{notes}"  # replaced, not repeated

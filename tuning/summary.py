@@ -16,9 +16,9 @@ from matplotlib.figure import Figure
 
 from oodlab.config import Config, Dist, to_dict
 from oodlab.datapipes.benchmarks import get_benchmark
-from oodlab.distributed.evaluate import FITS_ON_TRAIN
 from oodlab.datapipes.tables import results_text
 from oodlab.report import markdown
+from oodlab.scores import fit_splits
 from oodlab.tuning.space import overrides, sampled_config
 
 ENDED = ("done", "stopped", "error")
@@ -128,7 +128,8 @@ SELECTION_HEAD = ["split", "read for", "file"]
 def selection(cfg: Config) -> tuple[str, list[list[str]]]:
     """Which data chooses the winner: a sentence, and per split the search reads, why and its file.
 
-    Only validation splits (and ID train, for a score fitted on it) reach the objective, ASHA and the searcher.
+    Only validation splits (and the ID splits the objective's score is fitted on) reach the objective, ASHA and
+    the searcher.
     """
     search, bench = cfg.search, get_benchmark(cfg.data.benchmark)
     uses: dict[str, list[str]] = {}
@@ -140,8 +141,8 @@ def selection(cfg: Config) -> tuple[str, list[list[str]]]:
         uses["id_val"] = [f"the objective {search.metric} (ID side)"]
         if search.max_id_acc_drop is not None:
             uses["id_val"].append(f"id_val_acc (the {search.max_id_acc_drop:g}-point bound)")
-        if score in FITS_ON_TRAIN:
-            uses["id_train"] = [f"fitting the {score} score"]
+        for split in fit_splits([score]):
+            uses.setdefault(split, []).append(f"fitting the {score} score")
     rows = [[split, "; ".join(why), str(bench.path(cfg.data.root, split))] for split, why in uses.items()]
     tests = ", ".join(["id_test", *bench.ood_test])
     sentence = (f"Which data chooses the winner: {' and '.join(s for s in uses if s != 'id_train')} of benchmark "
