@@ -31,6 +31,7 @@ from pydantic import BeforeValidator, Discriminator, Field, Tag, ValidationError
 
 from oodlab.config import Config, Section, describe_errors
 from oodlab.datapipes import floor
+from oodlab.datapipes.glyphs import FONT_COLLECTIONS
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin_benchmarks"
 ID_SPLITS = ("id_train", "id_val", "id_test")
@@ -100,8 +101,6 @@ class SourceSpec(Section):
 
 def font_names(fonts: list[str]) -> set[str]:
     """The font file names a `fonts:` list stands for (collections expanded), to compare two glyph sources."""
-    from oodlab.datapipes.glyphs import FONT_COLLECTIONS
-
     return {n for f in fonts for n in (FONT_COLLECTIONS[f][1] if f in FONT_COLLECTIONS else [Path(f).name])}
 
 
