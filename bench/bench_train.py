@@ -57,11 +57,13 @@ class PlainLoop:
 
     def epoch(self) -> float:
         """Seconds for one training epoch."""
+        from oodlab.distributed.stages import Step
+
         start = time.perf_counter()
         self.net.train()
         for x, y in self.loader:
             logits, _, fmap = self.net(x)
-            loss, _ = self.method.loss(logits, fmap, y, self.net.classifier, self.done)
+            loss, _ = self.method.loss(Step(y, logits, fmap, self.net.classifier, self.done))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()

@@ -21,6 +21,17 @@ from oodlab.masking import attach_masks, set_trainable
 from oodlab.models import FeatureNet
 
 
+@dataclass(frozen=True)
+class Step:
+    """What a method's loss sees of one training step (its one call site: `worker.TrainRecipe.train_epoch`)."""
+
+    labels: torch.Tensor
+    logits: torch.Tensor  # fp32
+    fmap: torch.Tensor  # the last feature map, fp32
+    classifier: nn.Linear
+    epoch: int
+
+
 @dataclass
 class TrainMethod:
     stage: TrainStage
@@ -49,18 +60,18 @@ class TrainMethod:
             set_trainable(net.model, weights=self.stage.mask.train_weights, scores=True)
         return [p for p in net.parameters() if p.requires_grad]
 
-    def loss(self, logits: torch.Tensor, fmap: torch.Tensor, labels: torch.Tensor, classifier: nn.Linear,
-             epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    def loss(self, step: Step) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """The batch objective and what to log about it (batch means; tensors stay on the device)."""
-        ce = F.cross_entropy(logits, labels)
+        ce = F.cross_entropy(step.logits, step.labels)
         stats = {"ce": ce.detach()}
         loss = ce
         if self.stage.forget is not None:
             loss = flooded(ce, self.threshold, self.stage.forget.beta)
         bg = self.stage.background
-        if self.background is not None and epoch >= bg.warmup_epochs:
-            bias = classifier.bias if classifier.bias is not None else torch.zeros_like(classifier.weight[:, 0])
-            term, bg_stats = background_loss(fmap, classifier.weight, bias, labels, self.background)
+        if self.background is not None and step.epoch >= bg.warmup_epochs:
+            head = step.classifier
+            bias = head.bias if head.bias is not None else torch.zeros_like(head.weight[:, 0])
+            term, bg_stats = background_loss(step.fmap, head.weight, bias, step.labels, self.background)
             loss = loss + bg.weight * term
             stats.update({"bg_term": term.detach(), **{f"bg_{k}": v for k, v in bg_stats.items()}})
         return loss, stats
