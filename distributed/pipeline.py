@@ -191,18 +191,21 @@ def run_stages(cfg: Config, bench: Benchmark, state: PipelineState, todo: list[s
     """Each stage of `todo` in order on `group`. A stage's MLflow record (datasets, logged model, the end of its run:
     seconds in which the workers would otherwise wait) is written while the next stage trains; the stage is done
     once it is. `open_runs` lists the MLflow runs a failure must end."""
-    finishing: tuple[str, StageResult] | None = None
-    for name in todo:
-        running = group.submit(launch_stage(cfg, bench, state, name, open_runs))
-        if finishing is not None:
-            try:
-                finish_one_stage(cfg, bench, state, *finishing, open_runs)
-            except BaseException:
-                running.cancel()
-                raise
-        finishing = name, wait_for_stage(cfg, bench, state, name, running, listen)
-    if finishing is not None:
-        finish_one_stage(cfg, bench, state, *finishing, open_runs)
+    previous: tuple[str, StageResult] | None = None  # a stage whose record is written while the next one trains
+    try:
+        for name in todo:
+            running = group.submit(launch_stage(cfg, bench, state, name, open_runs))
+            if previous is not None:
+                finishing, previous = previous, None
+                try:
+                    finish_one_stage(cfg, bench, state, *finishing, open_runs)
+                except BaseException:
+                    running.cancel()
+                    raise
+            previous = name, wait_for_stage(cfg, bench, state, name, running, listen)
+    finally:
+        if previous is not None:
+            finish_one_stage(cfg, bench, state, *previous, open_runs)
 
 
 def launch_stage(cfg: Config, bench: Benchmark, state: PipelineState, name: str, open_runs: list[str]) -> Job:
