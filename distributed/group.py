@@ -115,7 +115,7 @@ class WorkerGroup(GroupClient):
         self.thread = threading.Thread(target=self.fit, name=f"oodlab-fit-{self.name}", daemon=True)
 
     def __enter__(self) -> WorkerGroup:
-        self.thread.start()
+        self.start()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
@@ -127,6 +127,9 @@ class WorkerGroup(GroupClient):
     def client(self) -> GroupClient:
         """This group for another process (a sweep's trial): its board, without the run."""
         return GroupClient(self.board, self.name)
+
+    def start(self) -> None:
+        self.thread.start()
 
     def cancel_unfinished(self) -> None:
         ray.get(self.board.cancel_unfinished.remote())
@@ -179,7 +182,7 @@ class GroupPool:
 
     def __enter__(self) -> GroupPool:
         for group in self.groups:
-            group.__enter__()
+            group.start()
         GroupPool.open[self.name] = self
         return self
 

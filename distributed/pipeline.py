@@ -22,7 +22,7 @@ from oodlab.config import Config, ConfigError, TrainStage, check_unchanged, flat
 from oodlab.datapipes.benchmarks import Benchmark, for_config
 from oodlab.distributed import checkpoint, progress, tracking
 from oodlab.distributed.artifacts import finish_stage, log_report
-from oodlab.distributed.group import GroupClient, PendingStage, WorkerGroup
+from oodlab.distributed.group import GroupClient, JobCancelled, PendingStage, WorkerGroup
 from oodlab.distributed.jobs import Epoch, Job, StageResult
 from oodlab.distributed.launch import check_address, check_resources, ensure_ray
 from oodlab.distributed.stages import TrainMethod
@@ -31,6 +31,8 @@ from oodlab.storage import StoragePath
 
 
 Listen = Callable[[Job, Epoch], None]  # hears each epoch of a stage as rank 0 hands it over (a sweep trial's Tune report)
+# Ctrl-C; Tune stopping a trial (`tune.report` exits the trial's thread, the sweep takes its group back)
+INTERRUPTED = (KeyboardInterrupt, SystemExit, JobCancelled)
 
 
 @dataclass
@@ -134,8 +136,8 @@ def run(cfg: Config, restart: bool = False, group: GroupClient | None = None, li
     own (one Ray Train run); `listen(job, epoch)` hears each epoch of a stage as rank 0 hands it over (a trial
     reports its tuned stage to Tune). `parent_run_id` nests this pipeline's MLflow run under another
     (a sweep's), `tags` are added to it; `checked` is the benchmark a caller's `preflight` returned (else run
-    checks). Bad input fails before any MLflow run exists; a failure later ends the open runs as FAILED (KILLED on
-    Ctrl-C), and a rerun continues them.
+    checks). Bad input fails before any MLflow run exists; a failure later ends the open runs as FAILED (KILLED when
+    interrupted: Ctrl-C, Tune stopping a trial), and a rerun continues them.
     """
     bench = checked or preflight(cfg, restart)
     if restart:
@@ -163,7 +165,7 @@ def run(cfg: Config, restart: bool = False, group: GroupClient | None = None, li
                 run_stages(cfg, bench, state, todo, own, listen, open_runs)
     except BaseException as err:
         for run_id in open_runs:
-            tracking.end_run(uri, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", buffer)
+            tracking.end_run(uri, run_id, "KILLED" if isinstance(err, INTERRUPTED) else "FAILED", buffer)
         raise
     log_report(cfg, state.parent_run_id, f"{cfg.name}: stages compared",
                {name: record.run_id for name, record in state.stages.items()})

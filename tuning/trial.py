@@ -21,7 +21,7 @@ from ray import tune
 
 from oodlab.config import Config
 from oodlab.distributed import pipeline
-from oodlab.distributed.group import Lender
+from oodlab.distributed.group import JobCancelled, Lender
 from oodlab.distributed.jobs import Epoch, Job
 from oodlab.tuning.objective import reference_accuracy, tune_result, tuned_stage
 from oodlab.tuning.space import overrides, sampled_config
@@ -47,8 +47,11 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     tags = {"oodlab.kind": "trial", "oodlab.sweep": setup.raw["name"], "oodlab.trial": trial_id,
             "oodlab.sampled": " ".join(overrides(params))}
     group = setup.groups.acquire(trial_id)
-    pipeline.run(cfg, group=group, listen=functools.partial(report_to_tune, cfg), parent_run_id=setup.sweep_run_id,
-                 tags=tags)
+    try:
+        pipeline.run(cfg, group=group, listen=functools.partial(report_to_tune, cfg),
+                     parent_run_id=setup.sweep_run_id, tags=tags)
+    except JobCancelled:  # Tune stopped the trial and the sweep took its group back: the trial is over
+        return
 
 
 def report_to_tune(cfg: Config, job: Job, epoch: Epoch) -> None:
