@@ -60,6 +60,13 @@ async def wait_result(board: JobBoard, index: int) -> tuple[list[Epoch], StageRe
             return seen, news.result, news.ended
 
 
+async def goes_on_then_ends(board: JobBoard, workers: asyncio.Future) -> None:
+    """The group runs the next job as usual, and its workers' loop returns once the board closes."""
+    assert (await wait_result(board, await board.post(job("next"))))[1].checkpoint == "/ckpt/next"
+    await board.close()
+    await asyncio.wait_for(workers, 1)
+
+
 def test_jobs_run_in_the_order_posted_and_the_driver_gets_every_epoch_then_the_outcome():
     async def scenario():
         board, taken = JobBoard(), []
@@ -105,12 +112,9 @@ def test_a_job_cancelled_before_it_starts_is_skipped_and_one_cancelled_while_run
         assert (await wait_result(board, running))[1] == StageResult(cancelled=True)
         assert (await wait_result(board, waiting))[1] == StageResult(cancelled=True)
         assert taken == ["long"]  # b never ran
-        third = await board.post(job("c"))
-        assert (await wait_result(board, third))[1].checkpoint == "/ckpt/c"  # the group goes on
-        await board.cancel(third)  # a finished job stays finished
-        assert board.results[third].checkpoint == "/ckpt/c" and third not in board.cancelled
-        await board.close()
-        await asyncio.wait_for(workers, 1)
+        await goes_on_then_ends(board, workers)
+        await board.cancel(2)  # a finished job stays finished
+        assert board.results[2].checkpoint == "/ckpt/next" and 2 not in board.cancelled
 
     asyncio.run(scenario())
 
@@ -135,9 +139,7 @@ def test_a_worker_that_dies_mid_job_is_restarted_at_the_job_in_progress():
         numbers = [e.epoch for e in epochs]  # the driver saw both attempts' epochs, in order
         again = numbers.index(0, 1)
         assert again >= 2 and numbers == [*range(again), *range(len(numbers) - again)]
-        assert (await wait_result(board, await board.post(job("c"))))[1].checkpoint == "/ckpt/c"
-        await board.close()
-        await asyncio.wait_for(restarted, 1)
+        await goes_on_then_ends(board, restarted)
 
     asyncio.run(scenario())
 
@@ -155,9 +157,7 @@ def test_a_driver_that_stops_waiting_leaves_the_board_consistent_and_its_cancel_
             await waiting
         await board.cancel(index)  # ... and cancels its job, as `PendingStage.result` does
         assert (await wait_result(board, index))[1] == StageResult(cancelled=True)
-        assert (await wait_result(board, await board.post(job("b"))))[1].checkpoint == "/ckpt/b"
-        await board.close()
-        await asyncio.wait_for(workers, 1)
+        await goes_on_then_ends(board, workers)
 
     asyncio.run(scenario())
 
