@@ -103,9 +103,9 @@ class GroupClient:
 
 class WorkerGroup(GroupClient):
     """One Ray Train run (`name`, default: the pipeline's run folder) that runs the jobs posted to it, from `with` to
-    the end of the block; then it ends its run once the posted jobs are done (unfinished ones are cancelled). A
-    failure of the run itself (after Ray Train's retries) ends any wait on it (GroupEnded) and is raised at the end of
-    the block. `on_end()` hears that the run ended."""
+    the end of the block; then it ends its run once the posted jobs are done (unfinished ones are cancelled; on
+    Ctrl-C without waiting for the workers). A failure of the run itself (after Ray Train's retries) ends any wait
+    on it (GroupEnded) and is raised at the end of the block. `on_end()` hears that the run ended."""
 
     def __init__(self, cfg: Config, name: str | None = None, on_end: Callable[[], None] | None = None):
         super().__init__(on_this_node(JobBoard), name or checkpoint.run_dir(cfg).name)
@@ -119,6 +119,9 @@ class WorkerGroup(GroupClient):
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
+        if kind is not None and issubclass(kind, KeyboardInterrupt):  # Ctrl-C: this process ends, its run with it
+            self.board.close.remote()
+            return
         self.close()
         if kind is None and self.failure is not None:
             raise self.failure
