@@ -289,22 +289,22 @@ class TrainRecipe(Recipe):
         self.start = self.resume()
 
     def run(self) -> None:
-        ctx, stage, scores = self.ctx, self.ctx.stage, self.ctx.cfg.eval
+        ctx, stage, ev = self.ctx, self.ctx.stage, self.ctx.cfg.eval
         evaluation = None
         for epoch in range(self.start, stage.epochs):
             t0 = time.perf_counter()
             metrics = self.train_epoch(epoch)
             last = epoch == stage.epochs - 1
             if last or (epoch + 1) % stage.eval_every == 0:
-                evaluation = self.evaluate(self.net, scores.final_scores if last else scores.scores)
+                evaluation = self.evaluate(self.net, ev.final_scores if last else ev.scores)
                 if evaluation is not None:
                     metrics.update(evaluation.flat())
             metrics["epoch_seconds"] = time.perf_counter() - t0
-            ctx.say(progress_line(epoch, stage.epochs, metrics, scores.select))
+            ctx.say(progress_line(epoch, stage.epochs, metrics, ev.select))
             self.end_epoch(epoch, metrics, self.net, self.training_state(epoch))
         if self.start == stage.epochs:  # resumed from the last epoch's checkpoint: its final artifacts may be missing
-            evaluation = self.evaluate(self.net, scores.final_scores)
-        log_final_artifacts(ctx.log, evaluation, ctx.bench, scores, stage.epochs - 1)
+            evaluation = self.evaluate(self.net, ev.final_scores)
+        log_final_artifacts(ctx.log, evaluation, ctx.bench, ev, stage.epochs - 1)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         ctx = self.ctx
