@@ -46,8 +46,7 @@ def write(cfg: Config, stage: str, epoch: int, model_state: dict[str, torch.Tens
     """Write one epoch's checkpoint folder into the run folder, where readers find it whole or not at all.
 
     Locally it is built beside its final name and renamed into place. Under a URI its files are uploaded with
-    meta.json last: a folder without meta.json is no checkpoint to `newest_dir`, and `newest_training_state`
-    skips one whose files do not load.
+    meta.json last: `newest_training_state` skips a folder without it, or whose files do not load.
     """
     target = run_dir(cfg) / dir_name(stage, epoch)
     if isinstance(target, RemotePath):
@@ -93,11 +92,6 @@ def run_dir(cfg: Config) -> StoragePath:
     return cfg.ray.storage_path / f"{cfg.name}.stages"
 
 
-def stage_error_file(cfg: Config, stage: str) -> StoragePath:
-    """Where rank 0 leaves the error that stopped a stage for good (the driver raises it)."""
-    return run_dir(cfg) / f"{stage}.error.txt"
-
-
 def dir_name(stage: str, epoch: int) -> str:
     return f"{stage}_epoch_{epoch:04d}"
 
@@ -115,20 +109,14 @@ def prune(cfg: Config, stage: str) -> None:
         remove(old)
 
 
-def newest_dir(cfg: Config, stage: str) -> StoragePath | None:
-    """The stage's newest checkpoint folder with its meta.json, or None: once the stage ended, its final
-    checkpoint."""
-    return next((p for p in newest_first(cfg, stage) if (p / META).is_file()), None)
-
-
-def newest_training_state(cfg: Config, stage: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(train_state, meta) of the stage's newest complete checkpoint in the run folder, or None.
+def newest_training_state(cfg: Config, stage: str) -> tuple[StoragePath, dict[str, Any], dict[str, Any]] | None:
+    """(folder, train_state, meta) of the stage's newest complete checkpoint in the run folder, or None.
 
     A checkpoint whose files do not load (an upload cut short) is skipped.
     """
     for path in newest_first(cfg, stage):
         try:
-            return load(path / TRAIN_STATE), read_meta(path)
+            return path, load(path / TRAIN_STATE), read_meta(path)
         except (OSError, RuntimeError, ValueError, EOFError):
             continue
     return None

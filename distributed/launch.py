@@ -1,7 +1,7 @@
-"""Ray Train runs: config -> TorchTrainer(ScalingConfig, RunConfig); a stage's result from its checkpoints.
+"""Ray and Ray Train runs: connect to (or start) Ray, check the cluster fits the workers, config -> TorchTrainer.
 
-The runs themselves are worker groups that take stage after stage (`session.py`): one per `oodlab train`,
-a pool of them per sweep.
+The runs themselves are worker groups that take stage after stage (`group.py`): one per `oodlab train`, a pool of
+them per sweep.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -18,18 +17,10 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from oodlab.config import Config, RayConfig
-from oodlab.errors import StageFailed
 from oodlab.storage import storage_env
-from oodlab.distributed import checkpoint
 from oodlab.distributed.tracking import tracking_env
 
 SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
-
-
-@dataclass
-class StageResult:
-    checkpoint: str | None  # directory of the stage's last checkpoint
-    metrics: dict[str, float]
 
 
 def ensure_ray(cfg: RayConfig) -> None:
@@ -91,10 +82,9 @@ def check_resources(cfg: RayConfig) -> None:
                              f"has {have.get(name, 0)} {name}; start nodes with --resources or change the field")
 
 
-def trainer(cfg: Config, loop_config: dict[str, Any], loop: Callable[[dict[str, Any]], None],
-            name: str | None = None) -> TorchTrainer:
-    """`loop(loop_config)` on every worker, in the Ray Train run `name` (default: the pipeline's run folder).
-    oodlab writes and prunes the checkpoints itself (`checkpoint.write`), so Ray Train keeps none."""
+def trainer(cfg: Config, loop_config: dict[str, Any], loop: Callable[[dict[str, Any]], None], name: str) -> TorchTrainer:
+    """`loop(loop_config)` on every worker, in the Ray Train run `name`. oodlab writes and prunes the checkpoints
+    itself (`checkpoint.write`), so Ray Train keeps none."""
     r = cfg.ray
     return TorchTrainer(
         loop,
@@ -104,21 +94,9 @@ def trainer(cfg: Config, loop_config: dict[str, Any], loop: Callable[[dict[str, 
                                      resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {}),
                                                            **r.resources_per_worker}),
         run_config=RunConfig(
-            name=name or checkpoint.run_dir(cfg).name,
+            name=name,
             storage_path=str(r.storage_path),
             failure_config=FailureConfig(max_failures=r.max_failures),
         ),
     )
 
-
-def stage_result(cfg: Config, stage: str) -> StageResult:
-    """An ended stage's checkpoint and metrics; StageFailed if rank 0 left the error that stopped it."""
-    error = checkpoint.stage_error_file(cfg, stage)
-    if error.is_file():
-        message = error.read_text()
-        error.unlink()
-        raise StageFailed(f"stage {stage}: {message}")
-    newest = checkpoint.newest_dir(cfg, stage)
-    if newest is None:
-        return StageResult(checkpoint=None, metrics={})
-    return StageResult(checkpoint=str(newest), metrics=checkpoint.read_meta(newest)["metrics"])

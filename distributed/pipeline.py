@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,16 +21,19 @@ from oodlab.atomic import write_text
 from oodlab.config import Config, ConfigError, TrainStage, check_unchanged, flatten, to_dict
 from oodlab.datapipes import floor
 from oodlab.datapipes.benchmarks import Benchmark, floors, for_config
-from oodlab.distributed import checkpoint, progress, session, tracking
+from oodlab.distributed import checkpoint, progress, tracking
 from oodlab.distributed.artifacts import finish_stage, log_report
-from oodlab.distributed.launch import StageResult, check_address, check_resources, ensure_ray
+from oodlab.distributed.group import GroupClient, JobCancelled, PendingStage, WorkerGroup
+from oodlab.distributed.jobs import Epoch, Job, StageResult
+from oodlab.distributed.launch import check_address, check_resources, ensure_ray
 from oodlab.methods import TrainMethod
-from oodlab.distributed.worker import Job
 from oodlab.models import create_model
 from oodlab.storage import StoragePath
 
 
-Launch = Callable[[Config, Job], StageResult]  # runs one stage on a worker group (a sweep trial's)
+Listen = Callable[[Job, Epoch], None]  # hears each epoch of a stage as rank 0 hands it over (a sweep trial's Tune report)
+# Ctrl-C; Tune stopping a trial (`tune.report` exits the trial's thread, the sweep takes its group back)
+INTERRUPTED = (KeyboardInterrupt, SystemExit, JobCancelled)
 
 
 @dataclass
@@ -135,16 +137,17 @@ def retire(cfg: Config) -> None:
     console.say(f"--restart: the previous run's state and checkpoints moved to {aside}")
 
 
-def run(cfg: Config, restart: bool = False, launch: Launch | None = None,
+def run(cfg: Config, restart: bool = False, group: GroupClient | None = None, listen: Listen | None = None,
         parent_run_id: str | None = None, tags: dict[str, str] | None = None,
         checked: Benchmark | None = None) -> PipelineState:
     """Run (or resume) every stage; return the final state with each stage's checkpoint and metrics.
 
-    The stages run in one Ray Train run, or each through `launch` when given (a sweep trial passes one that runs
-    them on its leased worker group and reports the tuned stage to Tune); `parent_run_id` nests this
-    pipeline's MLflow run under another (a sweep's), `tags` are added to it; `checked` is the benchmark a
-    caller's `preflight` returned (else run checks). Bad input fails before any MLflow run exists; a failure
-    later ends the open runs as FAILED (KILLED on Ctrl-C), and a rerun continues them.
+    The stages run on `group` when given (a sweep trial's, leased from the sweep), else on a worker group of their
+    own (one Ray Train run); `listen(job, epoch)` hears each epoch of a stage as rank 0 hands it over (a trial
+    reports its tuned stage to Tune). `parent_run_id` nests this pipeline's MLflow run under another
+    (a sweep's), `tags` are added to it; `checked` is the benchmark a caller's `preflight` returned (else run
+    checks). Bad input fails before any MLflow run exists; a failure later ends the open runs as FAILED (KILLED when
+    interrupted: Ctrl-C, Tune stopping a trial), and a rerun continues them.
     """
     bench = checked or preflight(cfg, restart)
     if restart:
@@ -164,10 +167,15 @@ def run(cfg: Config, restart: bool = False, launch: Launch | None = None,
     tracking.reopen_run(uri, state.parent_run_id)
     open_runs = [state.parent_run_id]
     try:
-        run_stages(cfg, bench, state, launch, open_runs)
+        todo = stages_to_run(cfg, bench, state)
+        if group is not None:
+            run_stages(cfg, bench, state, todo, group, listen, open_runs)
+        elif todo:
+            with WorkerGroup(cfg) as own:
+                run_stages(cfg, bench, state, todo, own, listen, open_runs)
     except BaseException as err:
         for run_id in open_runs:
-            tracking.end_run(uri, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", buffer)
+            tracking.end_run(uri, run_id, "KILLED" if isinstance(err, INTERRUPTED) else "FAILED", buffer)
         raise
     log_report(cfg, state.parent_run_id, f"{cfg.name}: stages compared",
                {name: record.run_id for name, record in state.stages.items()})
@@ -177,10 +185,8 @@ def run(cfg: Config, restart: bool = False, launch: Launch | None = None,
     return state
 
 
-def run_stages(cfg: Config, bench: Benchmark, state: PipelineState, launch: Launch | None,
-               open_runs: list[str]) -> None:
-    """Each stage not done yet, in order: all in one Ray Train run (`session`), or each through `launch`.
-    `open_runs` lists the MLflow runs a failure must end."""
+def stages_to_run(cfg: Config, bench: Benchmark, state: PipelineState) -> list[str]:
+    """The stages not done yet, in order (saying which are skipped)."""
     tracking.share_runs_view(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.eval.select, bench.table_columns)
     todo = []
     for name in cfg.stages:
@@ -189,28 +195,34 @@ def run_stages(cfg: Config, bench: Benchmark, state: PipelineState, launch: Laun
             console.say(f"[{name}] done earlier; skipping (checkpoint {record.checkpoint})")
         else:
             todo.append(name)
-
-    def drive(run_stage: Callable[[Job], StageResult]) -> None:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="oodlab-finish") as finisher:
-            finishing: Future[str] | None = None
-            try:
-                for name in todo:
-                    result = run_one_stage(cfg, bench, state, name, run_stage, open_runs)
-                    settle(state, finishing)
-                    finishing = finisher.submit(finish_one_stage, cfg, bench, state, name, result, open_runs)
-            finally:
-                settle(state, finishing)
-
-    if launch is not None:
-        drive(lambda job: launch(cfg, job))
-    elif todo:
-        session.run(cfg, drive)
+    return todo
 
 
-def run_one_stage(cfg: Config, bench: Benchmark, state: PipelineState, name: str,
-                  run_stage: Callable[[Job], StageResult], open_runs: list[str]) -> StageResult:
-    """Open (or reopen) the stage's MLflow run, run the stage, record its checkpoint and metrics."""
-    uri, stage, groups = cfg.mlflow.tracking_uri, cfg.stages[name], bench.table_columns
+def run_stages(cfg: Config, bench: Benchmark, state: PipelineState, todo: list[str], group: GroupClient,
+               listen: Listen | None, open_runs: list[str]) -> None:
+    """Each stage of `todo` in order on `group`. A stage's MLflow record (datasets, logged model, the end of its run:
+    seconds in which the workers would otherwise wait) is written while the next stage trains; the stage is done
+    once it is. `open_runs` lists the MLflow runs a failure must end."""
+    previous: tuple[str, StageResult] | None = None  # a stage whose record is written while the next one trains
+    try:
+        for name in todo:
+            running = group.submit(launch_stage(cfg, bench, state, name, open_runs))
+            if previous is not None:
+                finishing, previous = previous, None
+                try:
+                    finish_one_stage(cfg, bench, state, *finishing, open_runs)
+                except BaseException:
+                    running.cancel()
+                    raise
+            previous = name, wait_for_stage(cfg, bench, state, name, running, listen)
+    finally:
+        if previous is not None:
+            finish_one_stage(cfg, bench, state, *previous, open_runs)
+
+
+def launch_stage(cfg: Config, bench: Benchmark, state: PipelineState, name: str, open_runs: list[str]) -> Job:
+    """Open (or reopen) the stage's MLflow run and log its params; the stage's job."""
+    uri, stage = cfg.mlflow.tracking_uri, cfg.stages[name]
     record = state.stages.get(name)
     if record is None:
         tags = {"oodlab.stage": name, "oodlab.kind": stage.kind, "oodlab.method": method_tag(cfg, name),
@@ -230,29 +242,34 @@ def run_one_stage(cfg: Config, bench: Benchmark, state: PipelineState, name: str
     if by_column := floors(bench, cfg.data.root):  # the pixel floor beside every OOD number
         stage_logger.metrics_once(floor.metrics(by_column), step=0)
     console.say(f"[{name}] starting ({stage.kind}, {method_tag(cfg, name)}) on {cfg.ray.num_workers} workers")
-    with progress.epoch_bar(cfg, name, record.run_id):
-        result = run_stage(job)
+    return job
+
+
+def wait_for_stage(cfg: Config, bench: Benchmark, state: PipelineState, name: str, running: PendingStage,
+                   listen: Listen | None) -> StageResult:
+    """The stage's result, its epochs shown meanwhile; record its checkpoint and metrics."""
+    with progress.epoch_bar(cfg, name) as show:
+        def on_epoch(epoch: Epoch) -> None:
+            show(epoch)
+            if listen is not None:
+                listen(running.job, epoch)
+
+        result = running.result(on_epoch)
+    record = state.stages[name]
     record.checkpoint, record.metrics = result.checkpoint, result.metrics
     state.save()
-    console.say(progress.evaluation_line(name, result.metrics, cfg.eval.select, groups))
+    console.say(progress.evaluation_line(name, result.metrics, cfg.eval.select, bench.table_columns))
     return result
 
 
 def finish_one_stage(cfg: Config, bench: Benchmark, state: PipelineState, name: str, result: StageResult,
-                     open_runs: list[str]) -> str:
-    """Log what a stage left to MLflow and end its run; `drive` runs it while the next stage trains (logging the
-    model takes seconds in which the workers would otherwise wait)."""
+                     open_runs: list[str]) -> None:
+    """Log what a stage left to MLflow and end its run; then the stage is done, for a rerun to skip."""
     run_id = state.stages[name].run_id
     finish_stage(cfg, bench, name, run_id, result.checkpoint, result.metrics, state.parent_run_id)
     open_runs.remove(run_id)
-    return name
-
-
-def settle(state: PipelineState, finishing: Future[str] | None) -> None:
-    """Wait for a stage's finish (raising its error); then the stage is done, for a rerun to skip."""
-    if finishing is not None:
-        state.stages[finishing.result()].done = True
-        state.save()
+    state.stages[name].done = True
+    state.save()
 
 
 def resolve_init(cfg: Config, state: PipelineState, name: str) -> str | None:

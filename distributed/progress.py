@@ -1,27 +1,19 @@
 """What the terminal shows of a running pipeline: a line per stage start, an epoch bar per training stage
-(fed from the stage's MLflow run while Ray trains it), and a line with each stage's evaluation.
+(moved by each epoch's result as rank 0 hands it to the driver), and a line with each stage's evaluation.
 
-Rank 0 logs every epoch's metrics to the stage's run; a driver thread reads the run once a second and
-moves the bar. Bars only run while the CLI sends Ray's output to a log file (`console.output_to`): not in
-a sweep's trials, nor with --verbose, where Ray's own lines (the workers' epoch lines among them) scroll by.
+Bars only run while the CLI sends Ray's output to a log file (`console.output_to`): not in a sweep's trials,
+nor with --verbose, where Ray's own lines (the workers' epoch lines among them) scroll by.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from oodlab import console
 from oodlab.config import Config, TrainStage
-from oodlab.distributed import tracking
 from oodlab.distributed.evaluate import VAL
-
-POLL_S = 1.0
-EPOCH_KEY = "train/loss"  # logged once per epoch by every training stage
+from oodlab.distributed.jobs import Epoch
 
 
 def epoch_fields(metrics: Mapping[str, float], select: str) -> str:
@@ -43,36 +35,21 @@ def evaluation_line(stage: str, metrics: Mapping[str, float], select: str, group
 
 
 @contextmanager
-def epoch_bar(cfg: Config, stage: str, run_id: str) -> Iterator[None]:
-    """While the block runs a training stage, show its epochs on the terminal (when Ray's output is redirected)."""
+def epoch_bar(cfg: Config, stage: str) -> Iterator[Callable[[Epoch], None]]:
+    """While the block runs a stage, what to call with each of its epochs: a training stage's bar on the terminal
+    (when Ray's output is redirected), else nothing."""
     spec = cfg.stages[stage]
     if not console.redirected() or not isinstance(spec, TrainStage):
-        yield
+        yield lambda epoch: None
         return
     bar = console.EpochBar(stage, spec.epochs)
-    stop = threading.Event()
-    reader = threading.Thread(target=_follow, args=(tracking.client(cfg.mlflow.tracking_uri), run_id, cfg.eval.select,
-                                                    bar, stop), daemon=True)
-    reader.start()
+    latest: dict[str, float] = {}  # every metric's latest value (an epoch without evaluation has no id_acc)
+
+    def show(epoch: Epoch) -> None:
+        latest.update(epoch.metrics)
+        bar.update(epoch.epoch + 1, epoch_fields(latest, cfg.eval.select))
+
     try:
-        yield
+        yield show
     finally:
-        stop.set()
-        reader.join()
         bar.close()
-
-
-def _follow(client: MlflowClient, run_id: str, select: str, bar: console.EpochBar, stop: threading.Event) -> None:
-    """Move `bar` whenever the run has a new epoch; one last look after `stop`."""
-    seen = 0
-    while True:
-        stopping = stop.wait(POLL_S)
-        try:
-            epochs = {m.step for m in client.get_metric_history(run_id, EPOCH_KEY)}
-            if len(epochs) > seen:
-                seen = len(epochs)
-                bar.update(max(epochs) + 1, epoch_fields(client.get_run(run_id).data.metrics, select))
-        except MlflowException:  # the store is busy (sqlite): try again next time
-            pass
-        if stopping:
-            return

@@ -1,9 +1,11 @@
 """`oodlab submit` and `oodlab jobs`: run a config on a Ray cluster as a Ray job, through its job server.
 
 What travels (the job's runtime_env `working_dir`): this project's source tree as one zip, packed by Ray's own
-packager (without EXCLUDES and what the tree's .gitignore / .rayignore files list), plus the config as
-`oodlab-job.yaml`: the YAML with the command line's overrides applied. The job runs
-`python -m oodlab.cli train|tune oodlab-job.yaml` in that folder on the head node, with the shipped code.
+packager (without EXCLUDES and what the tree's .gitignore / .rayignore files list) and laid out as it installs
+(pyproject's package-dir: datapipes/ as oodlab/datapipes/, ...), plus the config as `oodlab-job.yaml`: the YAML
+with the command line's overrides applied. The job runs `python -m oodlab.cli train|tune oodlab-job.yaml` in that
+folder on the head node: `oodlab` and all its layers import from the shipped code, not what the cluster has
+installed.
 
 Paths: the job's working directory is a temporary copy on the head, so every path in the config (data.root,
 ray.storage_path, a sqlite tracking URI, checkpoint files) must be absolute, as the cluster's nodes see them
@@ -25,7 +27,9 @@ import contextlib
 import logging
 import os
 import secrets
+import tempfile
 import time
+import tomllib
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -107,7 +111,9 @@ def benchmark_for_job(path: Path) -> str:
     """A benchmark YAML inside the project travels with it (a path from the job's working directory, the
     project's copy); one outside keeps its absolute path, where the cluster must have it too."""
     root = project_root()
-    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+    if not path.is_relative_to(root):
+        return str(path)
+    return shipped_name(path.relative_to(root).as_posix(), installed_layout(root))
 
 
 def package(job: JobConfig, command: str, into: Path) -> Package:
@@ -145,12 +151,20 @@ def _on_cluster(path: str | Path) -> bool:
 
 
 def pack(root: Path, extra: dict[str, str], into: Path) -> Path:
-    """`root` zipped by Ray's packager (EXCLUDES, ignore files) plus `extra` files; refused above Ray's upload limit."""
+    """`root` zipped by Ray's packager (EXCLUDES, ignore files) in the installed layout, plus `extra` files; refused
+    above Ray's upload limit."""
     zip_path = into / "oodlab-job.zip"
-    packaging.create_package(str(root), zip_path, include_gitignore=True, excludes=EXCLUDES)
-    with zipfile.ZipFile(zip_path, "a") as z:
-        for name, text in extra.items():  # a fixed date: the same job packs to the same bytes (Ray reuses the upload)
-            z.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), text)
+    layout = installed_layout(root)
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "tree.zip"
+        packaging.create_package(str(root), tree, include_gitignore=True, excludes=EXCLUDES)
+        with zipfile.ZipFile(tree) as source, zipfile.ZipFile(zip_path, "w") as z:
+            for info in source.infolist():
+                data = source.read(info)
+                info.filename = shipped_name(info.filename, layout)
+                z.writestr(info, data)
+            for name, text in extra.items():  # a fixed date: the same job packs to the same bytes (Ray reuses the upload)
+                z.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), text)
     size, limit = zip_path.stat().st_size, packaging.GCS_STORAGE_MAX_SIZE
     if size >= limit:
         largest = "\n".join(f"  {_mib(n)}  {p}" for p, n in largest_paths(root)[:8])
@@ -159,6 +173,17 @@ def pack(root: Path, extra: dict[str, str], into: Path) -> Path:
             f"(before compression):\n{largest}\nList what the job does not need in {root / '.rayignore'} (gitignore "
             "syntax), or move data out of the project: jobs read data from data.root on the cluster")
     return zip_path
+
+
+def installed_layout(root: Path) -> dict[str, str]:
+    """Source folder -> where it installs, from pyproject's package-dir (`datapipes/` -> `oodlab/datapipes/`)."""
+    folders = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    return {f"{folder}/": f"{package.replace('.', '/')}/" for package, folder in folders.items()}
+
+
+def shipped_name(name: str, layout: dict[str, str]) -> str:
+    """A path of the source tree as the job's working directory has it (the installed layout)."""
+    return next((to + name.removeprefix(source) for source, to in layout.items() if name.startswith(source)), name)
 
 
 def largest_paths(root: Path) -> list[tuple[str, int]]:

@@ -22,7 +22,8 @@ from servers import free_port, oodlab, stop, wait_for_http
 
 from oodlab import config
 from oodlab.cli import main
-from oodlab.distributed import checkpoint, pipeline, session, tracking
+from oodlab.distributed import checkpoint, pipeline, tracking
+from oodlab.distributed.group import GroupClient
 from oodlab.distributed.tracking_buffer import Buffer
 
 
@@ -124,13 +125,13 @@ def test_training_goes_on_without_the_server_and_one_command_uploads_the_rest(se
     path.write_text(yaml.safe_dump(raw))
     cfg = config.load(path)
 
-    run_job = session.run_job
+    submit = GroupClient.submit
 
-    def run_without_server(*args):  # the server goes away for good once the stage's run exists
+    def submit_without_server(*args):  # the server goes away for good once the stage's run exists
         server.stop()
-        return run_job(*args)
+        return submit(*args)
 
-    monkeypatch.setattr(session, "run_job", run_without_server)
+    monkeypatch.setattr(GroupClient, "submit", submit_without_server)
     state = pipeline.run(cfg)
     record = state.stages["train"]
     assert record.done and checkpoint.model_file(record.checkpoint).is_file()

@@ -24,8 +24,8 @@ import yaml
 from conftest import tiny_raw
 
 MAX_LINES = 15  # one stage: the log file line, stage start, epoch bar, evaluation, the results table
-RAY_INTERNALS = ("Reporting training result", "Controller actor state", "TrainController", "RayTrainWorker",
-                 "Started a local Ray instance", "(pid=")
+RAY_INTERNALS = ("Reporting training result", "Started training worker group", "Controller actor state",
+                 "TrainController", "RayTrainWorker", "Started a local Ray instance", "(pid=")
 
 
 def run_on_terminal(args: list[str], cwd: Path, env: dict[str, str], timeout_s: float = 900) -> tuple[int, str]:
@@ -69,4 +69,4 @@ def test_train_shows_product_lines_only(tmp_path, demo_root):
 
     log = Path(re.search(r"Ray's output goes to (\S+)", out).group(1))
     ray_output = (log if log.is_absolute() else tmp_path / log).read_text()
-    assert "Reporting training result" in ray_output and "[train] epoch 2/2" in ray_output  # Ray's and the workers'
+    assert "Started training worker group" in ray_output and "[train] epoch 2/2" in ray_output  # Ray's and the workers'

@@ -8,7 +8,7 @@ from ray.tune import Callback
 
 from oodlab.console import say
 from oodlab.distributed import pipeline, tracking
-from oodlab.distributed.session import Pool
+from oodlab.distributed.group import GroupPool
 from oodlab.tuning.space import overrides
 from oodlab.tuning.trial import trial_config
 
@@ -46,7 +46,8 @@ class StatusLine(Callback):
 
 
 class TrialCleanup(Callback):
-    """When a trial ends, close what a killed one leaves open: its hold on a worker group and its MLflow runs."""
+    """When a trial ends (finished, stopped early, failed, its actor killed), the one place it is cleaned up: the
+    sweep takes its worker group back, cancelling what it left running, and ends its MLflow runs still open."""
 
     def __init__(self, raw: dict[str, Any], pool: str):
         self.raw, self.pool = raw, pool  # the pool by name: Tune pickles its callbacks
@@ -58,7 +59,7 @@ class TrialCleanup(Callback):
         self.close(trial, "FAILED")
 
     def close(self, trial, status: str) -> None:
-        if (pool := Pool.open.get(self.pool)) is not None:
+        if (pool := GroupPool.open.get(self.pool)) is not None:
             pool.release(trial.trial_id)
         close_trial(self.raw, trial.config, trial.trial_id, status)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from oodlab.config import Config, ConfigError, SearchConfig
 from oodlab.distributed.checkpoint import META, model_file, read_meta
+from oodlab.distributed.jobs import Epoch
 from oodlab.metrics import METRIC_NAMES
 from oodlab.storage import StoragePath, location
 
@@ -88,14 +89,14 @@ def check_objective(cfg: Config) -> None:
             reference_accuracy(model_file(init))
 
 
-def tune_result(result: Mapping[str, Any], search: SearchConfig, reference: float | None) -> dict[str, Any] | None:
-    """What Tune gets of rank 0's epoch result ({"epoch", "metrics"}): the validation view, the objective, and
-    the epoch as `training_iteration`; None for an epoch without the metric (no OOD evaluation).
+def tune_result(epoch: Epoch, search: SearchConfig, reference: float | None) -> dict[str, Any] | None:
+    """What Tune gets of an epoch rank 0 handed over: the validation view, the objective, and the epoch as
+    `training_iteration`; None for an epoch without the metric (no OOD evaluation).
 
     `training_iteration` is the stage's epoch + 1, so ASHA's rungs stay in epochs when an interrupted trial
     resumes its stage from a checkpoint.
     """
-    view = validation_view(result["metrics"])
+    view = validation_view(epoch.metrics)
     if search.metric not in view:
         return None
-    return view | {"objective": objective(view, search, reference), "training_iteration": int(result["epoch"]) + 1}
+    return view | {"objective": objective(view, search, reference), "training_iteration": epoch.epoch + 1}

@@ -1,9 +1,9 @@
 """`oodlab tune`: a Ray Tune sweep whose trials each run the config's stages on multi-worker Ray Train groups.
 
-The driver starts one worker group (a Ray Train run, `session.Pool`) per trial that may run at once
+The driver starts one worker group (a Ray Train run, `group.GroupPool`) per trial that may run at once
 (`max_concurrent_trials`, from the cluster's resources: `resources.py`) and keeps them for the whole sweep, so
 trials do not pay for starting workers. The Tuner runs a function trainable per trial (`trial.run_trial`)
-that applies the sampled overrides, leases a group and runs the pipeline on it; the tuned stage's epoch
+that applies the sampled overrides, acquires a group and runs the pipeline on it; the tuned stage's epoch
 results reach Tune through `objective.tune_result`, validation metrics only. Searchers: random (grid
 dimensions expand) or Optuna TPE; scheduler: ASHA on the tuned stage's epochs, or FIFO.
 
@@ -33,8 +33,9 @@ from oodlab import storage
 from oodlab.atomic import write_text
 from oodlab.console import say
 from oodlab.config import Config, ConfigError, check_unchanged, flatten, to_dict
-from oodlab.distributed import pipeline, session, tracking
+from oodlab.distributed import pipeline, tracking
 from oodlab.distributed.artifacts import log_report
+from oodlab.distributed.group import GroupPool
 from oodlab.distributed.launch import ensure_ray
 from oodlab.plots import png_bytes
 from oodlab.report import html_images, html_table
@@ -76,13 +77,8 @@ def run(cfg: Config, restart: bool = False, base: dict[str, Any] | None = None) 
     ensure_ray(cfg.ray)
     concurrency = max_concurrent_trials(ray.cluster_resources(), cfg)
     state = resumed or new_state(cfg, concurrency)
-    pool = session.Pool(Config.model_validate(base), concurrency)
-    try:
+    with GroupPool(Config.model_validate(base), concurrency) as pool:
         results = tuner(cfg, base, state, concurrency, pool).fit()
-    except BaseException:
-        pool.close(wait=False)  # the groups stop after their epoch; they end with this driver at the latest
-        raise
-    pool.close()
     return finish(cfg, base, state, results)
 
 
@@ -142,10 +138,10 @@ def retire(cfg: Config, folder: StoragePath) -> None:
     say(f"[sweep] --restart: the previous sweep moved to {aside}")
 
 
-def tuner(cfg: Config, base: dict[str, Any], state: SweepState, concurrency: int, pool: session.Pool) -> tune.Tuner:
+def tuner(cfg: Config, base: dict[str, Any], state: SweepState, concurrency: int, pool: GroupPool) -> tune.Tuner:
     """Restore the sweep's Tuner if it ran before, else build it."""
     search = cfg.search
-    setup = TrialSetup(base, state.parent_run_id, tuple(pool.mailboxes))
+    setup = TrialSetup(base, state.parent_run_id, pool.lender)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_DRIVER_CPUS})
     experiment = str(sweep_folder(cfg) / "tune")
     if tune.Tuner.can_restore(experiment):
