@@ -16,6 +16,7 @@ import logging
 import socket
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from oodlab import rng
 from oodlab.config import Config
-from oodlab.datapipes.benchmarks import Benchmark, get_benchmark
+from oodlab.datapipes.benchmarks import OUTLIERS, Benchmark, get_benchmark
 from oodlab.datapipes.beton import read_info
 from oodlab.datapipes.loaders import LoaderSpec, build_loader
 from oodlab.distributed import checkpoint, tracking
@@ -224,6 +225,17 @@ class Recipe:
         return self.ctx.loader("id_train", per_worker, augment=True, order=self.ctx.cfg.data.order, drop_last=True,
                                indices=self.train_indices)
 
+    def outlier_loader(self) -> Any:
+        """The benchmark's outliers (outlier exposure's data), shuffled and sharded like the ID training data, a batch
+        of the same size."""
+        ctx = self.ctx
+        per_worker = ctx.cfg.data.batch_size // ctx.world
+        loader = ctx.loader(OUTLIERS, per_worker, augment=True, order=ctx.cfg.data.order, drop_last=True)
+        if len(loader) == 0:
+            raise StageError(f"the benchmark's outliers ({len(loader.indices)} images) hold less than one batch of "
+                             f"{per_worker} per worker; add outlier images or lower data.batch_size")
+        return loader
+
     @functools.cached_property
     def train_indices(self) -> tuple[int, ...] | None:
         """The id_train samples trained on: all (None), or `data.train_limit` of them (see DataConfig)."""
@@ -291,6 +303,7 @@ class TrainRecipe(Recipe):
         self.net = self.place(net)
         self.ddp = ray.train.torch.prepare_model(self.net, move_to_device=False) if ctx.world > 1 else self.net
         self.loader = self.train_loader()
+        self.outliers = self.outlier_loader() if self.method.needs_outliers else None
         self.opt = torch.optim.SGD(params, lr=stage.lr, momentum=stage.momentum,
                                    nesterov=stage.nesterov and stage.momentum > 0, weight_decay=stage.weight_decay)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -321,11 +334,15 @@ class TrainRecipe(Recipe):
         self.ddp.train()
         totals: dict[str, float] = {}
         seen = correct = 0
+        outliers = self.outlier_batches(epoch) if self.outliers is not None else None
         for step, (x, y) in enumerate(self.loader):
+            inputs = x if outliers is None else torch.cat([x, next(outliers)])  # one forward for both batches
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.cfg.ray.amp):
-                logits, _, fmap = self.ddp(x)
+                logits, _, fmap = self.ddp(inputs)
+            outlier_logits = None if outliers is None else logits[len(y):].float()
+            logits, fmap = logits[:len(y)], fmap[:len(y)]
             loss, stats = self.method.loss(Step(y, logits.float(), fmap.float(), self.net.position_logits, epoch,
-                                                ctx.job.threshold))
+                                                ctx.job.threshold, outlier_logits))
             finite, wanted = agreed_flags(ctx.device, torch.isfinite(loss.detach()), ctx.wanted())
             if not finite:
                 raise StageError(f"the loss is not finite (nan or inf) at epoch {epoch + 1}, step {step + 1}; "
@@ -342,6 +359,8 @@ class TrainRecipe(Recipe):
                 totals[k] = totals.get(k, 0.0) + v * len(y)
             seen += len(y)
             correct = correct + (logits.argmax(1) == y).sum()
+        if outliers is not None:
+            outliers.close()  # ends the outlier loader's epoch now: the next one starts from a clean iterator
         # float64 on the worker's device: NCCL reduces CUDA tensors only
         sums = torch.tensor([seen, float(correct), *map(float, totals.values())], dtype=torch.float64, device=ctx.device)
         if dist.is_initialized():
@@ -351,6 +370,15 @@ class TrainRecipe(Recipe):
         out["train/acc"] = 100 * sums[1].item() / seen_all
         out["lr"] = self.sched.get_last_lr()[0]
         return out
+
+    def outlier_batches(self, epoch: int) -> Iterator[torch.Tensor]:
+        """One outlier batch per training step: the outlier loader's epochs k * epoch, ..., k * epoch + k - 1 (k of them
+        cover a training epoch). The draws are a function of the training epoch, so a resumed stage draws the same."""
+        cycles = -(-len(self.loader) // len(self.outliers))
+        for outlier_epoch in range(epoch * cycles, (epoch + 1) * cycles):
+            self.outliers.next_epoch = outlier_epoch
+            for x, _ in self.outliers:
+                yield x
 
     def training_state(self, epoch: int) -> dict[str, Any]:
         """What an exact resume needs: model, optimizer, scheduler, the loader's next epoch, every rank's RNGs."""

@@ -91,3 +91,26 @@ def test_um_umap_background_chain(make_config):
     # barely trained net, so allow two of the test images.
     n_test = read_info(get_benchmark("digits").path(cfg.data.root, "id_test")).count
     assert final["id_acc"] == pytest.approx(state.stages["umap"].metrics["id_acc"], abs=2 * 100 / n_test + 1e-9)
+
+
+def test_um_with_outlier_exposure_and_logitnorm_run_end_to_end(make_config):
+    """The reference code's best setting, UM + OE in one stage, and LogitNorm, through real Ray Train."""
+    stages = {"pretrain": STAGES["pretrain"], "estimate": STAGES["estimate"],
+              "um_oe": {"init": "pretrain", "epochs": 1, "lr": 0.01, "forget": {"estimate": "estimate"},
+                        "oe": {"weight": 0.5}},
+              "lnorm": {"init": "pretrain", "epochs": 1, "lr": 0.01, "logitnorm": {"temperature": 0.1}}}
+    cfg = make_config(stages)
+    state = pipeline.run(cfg)
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    runs = {name: client.get_run(rec.run_id) for name, rec in state.stages.items()}
+    assert runs["um_oe"].data.tags["oodlab.method"] == "um+oe" and runs["lnorm"].data.tags["oodlab.method"] == "logitnorm"
+    um_oe = runs["um_oe"].data.metrics
+    # each step saw an outlier batch: the OE term (CE to uniform: at least 0, at most a few nats) was logged
+    assert 0 < um_oe["train/oe_term"] < 10 and "ood/energy/all/auroc" in um_oe
+    threshold = state.stages["estimate"].metrics["forget_threshold"]
+    # per step the loss is |ce - l| + l + 0.5 * oe (the floor on CE only); the mean of |ce - l| over steps is at least
+    # |mean ce - l|, so the epoch means obey the same bound
+    ce, oe = um_oe["train/ce"], um_oe["train/oe_term"]
+    assert um_oe["train/loss"] >= abs(ce - threshold) + threshold + 0.5 * oe - 1e-6
+    lnorm = runs["lnorm"].data.metrics
+    assert lnorm["train/logitnorm"] == pytest.approx(lnorm["train/loss"]) and "id_acc" in lnorm
