@@ -32,6 +32,7 @@ from oodlab.distributed import checkpoint, tracking
 from oodlab.distributed.artifacts import log_final_artifacts
 from oodlab.distributed.evaluate import Evaluation, evaluate
 from oodlab.distributed.stages import TrainMethod
+from oodlab.errors import DiskFull
 from oodlab.masking import attach_masks, dense_state_dict
 from oodlab.models import FeatureNet, create_model
 
@@ -145,13 +146,20 @@ class Worker:
         the stage.
 
         Metrics reach MLflow only once their checkpoint is written; a worker that dies in between logs them
-        when it resumes from that checkpoint (`log_once`).
+        when it resumes from that checkpoint (`log_once`). A checkpoint that does not fit on its disk stops the stage
+        on every rank (StageError: a retry would fill the disk again), its previous checkpoint intact.
         """
+        full = None
         if self.rank == 0:
             meta = {"stage": self.job.stage, "epoch": epoch, "metrics": metrics}
             model_state = None if net is None else dense_state_dict(net.model)
-            checkpoint.write(self.cfg, self.job.stage, epoch, model_state, meta, train_state)
-            checkpoint.prune(self.cfg, self.job.stage)
+            try:
+                checkpoint.write(self.cfg, self.job.stage, epoch, model_state, meta, train_state)
+                checkpoint.prune(self.cfg, self.job.stage)
+            except DiskFull as err:
+                full = err
+        if not self.from_rank0(full is None):
+            raise StageError(str(full or "rank 0 could not write the checkpoint: the disk is full"))
         ray.train.report(metrics)
         if self.channel is not None and not self.from_rank0(self.rank != 0 or self.channel.hand(metrics, epoch)):
             raise StageCancelled(f"cancelled by the driver after epoch {epoch + 1}")
