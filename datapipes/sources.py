@@ -12,6 +12,7 @@ import gzip
 import math
 import os
 import pickle
+import warnings
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
@@ -71,7 +72,10 @@ def pil_to_rgb_uint8(image: Image.Image) -> np.ndarray:
 @contextmanager
 def open_image(path: Path) -> Iterator[Image.Image]:
     """PIL's lazy image (header read, nothing decoded), refused (SourceError) above MAX_IMAGE_PIXELS."""
-    with Image.open(path) as image:
+    with warnings.catch_warnings():  # PIL warns of big images itself (then refuses them above twice its own limit)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        opened = Image.open(path)
+    with opened as image:
         width, height = image.size
         if width * height > MAX_IMAGE_PIXELS:
             raise SourceError(f"its header says {width}x{height} pixels ({human_bytes(width * height * 3)} decoded as RGB), "

@@ -27,8 +27,6 @@ from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValida
 from oodlab import bounded_yaml
 from oodlab.limits import (MAX_BATCH, MAX_CLASSES, MAX_CPUS, MAX_EPOCHS, MAX_FAILURES, MAX_KNN_BANK, MAX_NAME, MAX_SEED,
                            MAX_THREADS, MAX_TRIALS, MAX_WORKERS, bank_cost, batch_cost, count)
-from oodlab.models import check_model_name
-from oodlab.scores import available_scores
 from oodlab.storage import StoragePath, is_uri, location
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -69,6 +67,8 @@ class ModelConfig(Section):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
+        from oodlab.models import check_model_name  # here, not above: timm and torch load in seconds, and a
+        # document refused before it names a model is refused without them
         check_model_name(name)
         return name
 
@@ -168,6 +168,8 @@ class EvalConfig(Section):
     @field_validator("scores", "final_scores", "params")
     @classmethod
     def _known_scores(cls, value: list[str] | dict[str, Any]) -> list[str] | dict[str, Any]:
+        from oodlab.scores import available_scores  # (torch: see _known_model)
+
         unknown = [name for name in value if name not in available_scores()]
         if unknown:
             raise ValueError(f"unknown score(s) {unknown}; available: {', '.join(available_scores())}")
@@ -535,11 +537,16 @@ def _describe(error: dict[str, Any], root: type[BaseModel]) -> str:
     if sep and where != "config" and re.fullmatch(r"[A-Za-z_][\w.]*", field):  # a section's check naming its field
         where, msg = f"{where}.{field}", rest
     got = error.get("input")
-    shown = "" if isinstance(got, (dict, list)) and error["type"] == "value_error" else f" (got {_short(repr(got))})"
+    shown = "" if isinstance(got, (dict, list)) and error["type"] == "value_error" else f" (got {_short(got)})"
     return f"  {msg}" if where == "config" else f"  {where}: {msg}{shown}"
 
 
-def _short(text: str) -> str:
+def _short(value: Any) -> str:
+    """repr(value), cut to SHOWN_INPUT characters."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than 4300 digits, or a container holding one
+        return "a number too long to print"
     return text if len(text) <= SHOWN_INPUT else f"{text[:SHOWN_INPUT]}... ({len(text):,} characters)"
 
 

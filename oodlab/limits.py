@@ -32,6 +32,13 @@ MAX_SEED = 2**62  # |seed|: torch takes 64-bit seeds, and each rank adds its ran
 MAX_NAME = 100  # characters of a config, stage, benchmark or set name (they name folders and files)
 
 
+def number(value: int | float) -> str:
+    """A number with thousands separators; one too long to print (Python refuses 4300 digits) as its size."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"a number of {value.bit_length()} bits"
+    return f"{value:,}"
+
+
 def human_bytes(n: float) -> str:
     """1536 -> '1.5 KiB'."""
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
@@ -64,8 +71,8 @@ def at_most(limit: int, what: str, cost: Callable[[int], str] | None = None) -> 
 
     def check(value: Any) -> Any:
         if value > limit:
-            why = f": {cost(value)}" if cost else ""
-            raise ValueError(f"{value:,} is more than the {limit:,} {what} oodlab accepts{why}; is it a typo?")
+            why = f": {cost(value)}" if cost and value < 2**64 else ""
+            raise ValueError(f"{number(value)} is more than the {limit:,} {what} oodlab accepts{why}; is it a typo?")
         return value
 
     return AfterValidator(check)
