@@ -371,7 +371,7 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     import tempfile
 
-    from oodlab.distributed import submit
+    from oodlab.distributed import cluster_python, submit
     from oodlab.distributed.tracking import redact
 
     address = submit.resolve_address(args.address)
@@ -382,6 +382,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         sweep.check(job.cfg)
     with tempfile.TemporaryDirectory(prefix="oodlab-submit-") as tmp:
         package = submit.package(job, "tune" if args.tune else "train", Path(tmp))
+        if _job_server(lambda: cluster_python.check(address)) is None:  # (its ClusterPythonError: exit 2)
+            return 1
         job_id = _job_server(lambda: submit.submit(address, package))
     if job_id is None:
         return 1
