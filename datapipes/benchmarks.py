@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BeforeValidator, Discriminator, Field, Tag, ValidationError, model_validator
 
 from oodlab import bounded_yaml
-from oodlab.config import Config, Name, Section, describe_errors
+from oodlab.config import Classes, Config, Name, Section, describe_errors
 from oodlab.limits import (MAX_CLASSES, MAX_CROPS_BYTES, MAX_IMAGE_SIDE, MAX_IMAGE_SIZE, MAX_SAMPLES,
                            MAX_WORKER_BATCH_BYTES, batch_cost, count, human_bytes, image_bytes, image_cost)
 
@@ -42,6 +42,8 @@ STATS_FILE = "benchmark.json"
 Unit = Annotated[float, Field(gt=0, le=1)]
 Unit0 = Annotated[float, Field(ge=0, le=1)]
 Samples = count(MAX_SAMPLES, "samples")
+ImageSize = count(MAX_IMAGE_SIZE, "px", image_cost, low=8)
+StoredSide = count(MAX_IMAGE_SIDE, "px", image_cost, low=8)
 Label = Annotated[int, Field(ge=0, lt=MAX_CLASSES)]
 CROP_PICTURE_SIDE = 512  # the short side of scikit-image's largest sample pictures (astronaut: 512 x 512)
 
@@ -137,17 +139,17 @@ class OodSpec(Section, extra="allow"):
 
 class WriteSpec(Section):
     mode: Literal["raw", "jpg"] = "raw"
-    max_resolution: count(MAX_IMAGE_SIDE, "px", image_cost, low=8) | None = None  # longest side stored (square: false)
+    max_resolution: StoredSide | None = None  # longest side stored (with square: false)
     jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 90
     square: bool = True  # resize + center-crop to image_size when writing; false: crop when loading (ImageNet)
 
 
 class BenchmarkSpec(Section):
     name: Name
-    image_size: count(MAX_IMAGE_SIZE, "px", image_cost, low=8)
+    image_size: ImageSize
     id: IdSpec
     ood: OodSpec
-    num_classes: count(MAX_CLASSES, "classes") | None = None  # default: the class count of id.train
+    num_classes: Classes | None = None  # default: the class count of id.train
     mean: tuple[Unit0, Unit0, Unit0] | None = None  # 0..1 scale; default: computed from id.train at build time
     std: tuple[Unit, Unit, Unit] | None = None
     augment: Literal["pad-crop", "random-resized-crop", "flip", "none"] = "pad-crop"  # train-time augmentation

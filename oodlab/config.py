@@ -31,8 +31,16 @@ from oodlab.storage import StoragePath, is_uri, location
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
+# Sizes and counts, each bounded (oodlab.limits: the message says what a value over the bound would take)
 Epochs = count(MAX_EPOCHS, "epochs")
+ZeroOrMoreEpochs = count(MAX_EPOCHS, "epochs", low=0)
 BatchSize = count(MAX_BATCH, "images per batch", batch_cost)
+Threads = count(MAX_THREADS, "loader threads")
+Classes = count(MAX_CLASSES, "classes")
+BankSize = count(MAX_KNN_BANK, "kNN bank features", bank_cost)
+Workers = count(MAX_WORKERS, "Ray Train workers")
+Retries = count(MAX_FAILURES, "retries", low=0)
+Trials = count(MAX_TRIALS, "trials")
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=MAX_NAME)]  # it names folders
 
 
@@ -52,7 +60,7 @@ class DataConfig(Section):
     root: Path = Path(".oodlab/data")  # where the benchmark's .beton files are (the demo writes them here)
     batch_size: BatchSize = 128  # global: split evenly over the Ray workers
     eval_batch_size: BatchSize = 256  # global
-    loader_threads: count(MAX_THREADS, "loader threads") = 1  # FFCV threads per Ray worker; at most the worker's CPUs
+    loader_threads: Threads = 1  # FFCV threads per Ray worker; at most the worker's CPUs
     os_cache: bool = True  # FFCV: read through the OS page cache (True) or its own process cache
     order: Literal["random", "quasi_random"] = "random"  # train order; quasi_random is single-process only
 
@@ -102,10 +110,10 @@ class BackgroundConfig(Section):
     select: Literal["lowest", "threshold", "topk"] = "lowest"
     ratio: Annotated[float, Field(gt=0, le=1)] = 0.5  # `lowest`: fraction of positions per image
     threshold: Annotated[float, Field(gt=0, lt=1)] = 0.01  # `threshold`: max softmax prob of the label
-    topk: count(MAX_CLASSES, "classes") = 1  # `topk`: label not among the top-k classes of the position
+    topk: Classes = 1  # `topk`: label not among the top-k classes of the position
     norm: Literal["l2", "l2sq", "hinge"] = "l2"
     margin: Annotated[float, Field(ge=0)] = 0.0  # `hinge`
-    warmup_epochs: count(MAX_EPOCHS, "epochs", low=0) = 0
+    warmup_epochs: ZeroOrMoreEpochs = 0
 
 
 class TrainStage(Section):
@@ -160,7 +168,7 @@ class EvalConfig(Section):
     final_scores: list[str] = ["msp", "maxlogit", "energy", "odin", "react", "ash", "knn", "mahalanobis", "featnorm"]
     params: dict[str, dict[str, Any]] = {}  # per-score parameters, e.g. {odin: {temperature: 1000}}
     # ID-train features kept for knn/mahalanobis (evenly subsampled)
-    knn_bank_size: count(MAX_KNN_BANK, "kNN bank features", bank_cost) = 50_000
+    knn_bank_size: BankSize = 50_000
     select: str = "energy"  # the score whose OOD-validation fpr95 marks the best epoch (must be in scores)
     # the best epoch is chosen among those whose ID validation accuracy is within this many points of the best
     best_epoch_max_acc_drop: Annotated[float, Field(ge=0)] = 5.0
@@ -184,7 +192,7 @@ class EvalConfig(Section):
 
 class RayConfig(Section):
     address: str | None = None  # None: a local Ray instance; "auto" or "ray://host:10001" for a cluster
-    num_workers: count(MAX_WORKERS, "Ray Train workers") = 2
+    num_workers: Workers = 2
     cpus_per_worker: Annotated[float, Field(gt=0, le=MAX_CPUS)] = 1.0
     use_gpu: bool = False  # NCCL + one GPU per worker (gloo on CPU)
     amp: bool = False  # bf16 autocast on GPU
@@ -195,7 +203,7 @@ class RayConfig(Section):
     # worker-group restarts from the last checkpoint after a worker error. 1 survives one crash (a worker killed
     # by the OOM killer or a signal) while a bug costs one retry; node preemptions are retried without limit by
     # Ray (FailureConfig.max_preemption_failures), and a NaN loss is never retried
-    max_failures: count(MAX_FAILURES, "retries", low=0) = 1
+    max_failures: Retries = 1
     # custom resources each worker also asks for, e.g. {train_slot: 1} with one train_slot per node puts one
     # worker on each node (CPUs and GPUs come from cpus_per_worker and use_gpu)
     resources_per_worker: dict[Name, Annotated[float, Field(gt=0, le=MAX_CPUS)]] = {}
@@ -267,7 +275,7 @@ class SearchConfig(Section):
     """
 
     space: dict[str, Dist]  # override path (e.g. stages.um.forget.threshold) -> distribution
-    num_samples: count(MAX_TRIALS, "trials") = 4
+    num_samples: Trials = 4
     searcher: Literal["random", "optuna"] = "random"  # random also expands grid dimensions; optuna (TPE) takes none
     scheduler: Literal["asha", "fifo"] = "asha"
     metric: str = "ood/energy/val/fpr95"

@@ -1,6 +1,7 @@
 """What every fault drill needs: the moment the first checkpoint of a tiny run's stage `train` exists, the
 recovery time (the kill -> the resumed stage training again: the timestamp of its `resumed_after_epoch` metric),
-and the check that a drilled run ended as the uninterrupted one (conftest's tiny run, EPOCHS epochs)."""
+and the checks that a drilled run ended as the uninterrupted one (conftest's tiny run, EPOCHS epochs; or, on a
+cluster, conftest's one-node run: its MLflow stage run)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,18 @@ def assert_same_as_reference(cfg: config.Config, reference: config.Config) -> st
     parent = PipelineState.load(pipeline.state_path(cfg)).parent_run_id
     assert {client.get_run(r).info.status for r in (run_id, parent)} == {"FINISHED"}
     return run_id
+
+
+def stage_run(tracking_uri: str, pipeline_name: str):
+    """(client, the MLflow run) of the one stage of the pipeline named `pipeline_name` in the experiment "test"."""
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id],
+                              filter_string=f"tags.`oodlab.pipeline` = '{pipeline_name}'")
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, runs[0]
+
+
+def learned(metrics: dict[str, float]) -> dict[str, float]:
+    """A run's training and evaluation numbers, without its timings, machine readings and resume marks."""
+    return {k: v for k, v in metrics.items()
+            if not k.startswith("system/") and not k.endswith("_seconds") and k != RESUMED}

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psutil
+
 CLUSTER_HELPER = Path(__file__).parent / "local_ray_cluster.py"
 LOOPBACK_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray keeps 127.0.0.1 (see local_ray_cluster.py)
 
@@ -79,6 +81,14 @@ class RayCluster:
     def add_node(self) -> str:
         """Start another worker node; its id."""
         return self._command("add", "ADDED")
+
+    def kill(self) -> None:
+        """SIGKILL every process of the cluster, head included, as when the head's machine is lost."""
+        helper = psutil.Process(self.helper.pid)
+        for process in [helper, *helper.children(recursive=True)]:  # Ray's processes, job drivers included
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        self.helper.wait(timeout=60)
 
     def _command(self, command: str, answer: str) -> str:
         self.helper.stdin.write(command + "\n")

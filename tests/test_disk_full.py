@@ -26,7 +26,7 @@ from oodlab import config
 from oodlab.cli import main
 from oodlab.datapipes import beton
 from oodlab.datapipes.benchmarks import get_benchmark
-from oodlab.distributed import checkpoint, pipeline
+from oodlab.distributed import checkpoint
 
 MiB = 1 << 20
 
