@@ -342,8 +342,8 @@ def check_batch_memory(cfg: Config, bench: Benchmark) -> None:
         if per_worker * image_bytes(bench.image_size, itemsize=4) > MAX_WORKER_BATCH_BYTES:
             raise BenchmarkError(f"data.{key}: {getattr(cfg.data, key):,} images over {cfg.ray.num_workers} workers is "
                                  f"{per_worker:,} per worker, and {batch_cost(per_worker, bench.image_size)} on each, "
-                                 f"more than the {human_bytes(MAX_WORKER_BATCH_BYTES)} oodlab accepts; lower data.{key} "
-                                 "or add workers")
+                                 f"more than the {human_bytes(MAX_WORKER_BATCH_BYTES)} oodlab accepts; lower "
+                                 f"data.{key} or add workers")
 
 
 def check_built(bench: Benchmark, root: Path) -> None:

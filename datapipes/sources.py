@@ -78,8 +78,8 @@ def open_image(path: Path) -> Iterator[Image.Image]:
     with opened as image:
         width, height = image.size
         if width * height > MAX_IMAGE_PIXELS:
-            raise SourceError(f"its header says {width}x{height} pixels ({human_bytes(width * height * 3)} decoded as RGB), "
-                              f"more than the {MAX_IMAGE_PIXELS:,} pixels oodlab decodes per image")
+            raise SourceError(f"its header says {width}x{height} pixels ({human_bytes(width * height * 3)} decoded as "
+                              f"RGB), more than the {MAX_IMAGE_PIXELS:,} pixels oodlab decodes per image")
         yield image
 
 
@@ -88,12 +88,12 @@ def check_fits(path: Path, nbytes: int, stored: int) -> None:
     could not hold them, or when they would expand like a decompression bomb."""
     available = psutil.virtual_memory().available
     if nbytes > available // 2:
-        raise SourceError(f"{path}: its arrays take {human_bytes(nbytes)} in memory (from the sizes in its headers), more "
-                          f"than half of the {human_bytes(available)} available here; split it into smaller files")
+        raise SourceError(f"{path}: its arrays take {human_bytes(nbytes)} in memory (from the sizes in its headers), "
+                          f"more than half of the {human_bytes(available)} available here; split it into smaller files")
     if nbytes > BOMB_MIN_BYTES and nbytes > BOMB_RATIO * stored:
         raise SourceError(f"{path}: {human_bytes(stored)} on disk would expand to {human_bytes(nbytes)} "
-                          f"({nbytes // max(stored, 1):,} times): real image data compresses a few times at most, so this "
-                          "looks like a decompression bomb; save the arrays uncompressed")
+                          f"({nbytes // max(stored, 1):,} times): real image data compresses a few times at most, so "
+                          "this looks like a decompression bomb; save the arrays uncompressed")
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -390,7 +390,8 @@ class ArraySource(ImageSource):
             raise SourceError(f"ArraySource.from_npz: file {path} does not exist")
         keys = npz_headers(path)
         if "images" not in keys:
-            raise SourceError(f"ArraySource.from_npz: {path} has keys {sorted(keys)}, needs 'images' (and optionally 'labels')")
+            raise SourceError(f"ArraySource.from_npz: {path} has keys {sorted(keys)}, needs 'images' (and optionally "
+                              "'labels')")
         try:
             with np.load(path, allow_pickle=False) as npz:
                 images = npz["images"]
@@ -422,14 +423,14 @@ def npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                         raise SourceError(f"{path}: array '{key}' is in .npy format {version}; write it with np.savez")
                     shape, _, dtype = _NPY_HEADER_READERS[version](member)
                 if dtype.hasobject:
-                    raise SourceError(f"{path}: array '{key}' holds Python objects (dtype {dtype}), which oodlab never "
-                                      "unpickles; save numeric arrays (images uint8, labels int) and classes as strings")
+                    raise SourceError(f"{path}: array '{key}' holds Python objects (dtype {dtype}), which oodlab "
+                                      "never unpickles; save numeric arrays (images uint8, labels int), classes as str")
                 arrays[key] = (shape, dtype)
                 nbytes += math.prod(shape) * dtype.itemsize
                 stored += info.compress_size
+    except SourceError:
+        raise
     except (zipfile.BadZipFile, ValueError, EOFError, zlib.error) as err:
-        if isinstance(err, SourceError):
-            raise
         raise SourceError(f"{path}: not an .npz of numeric arrays ({type(err).__name__}: {err}); write it with "
                           "np.savez(path, images=..., labels=...)") from None
     check_fits(path, nbytes, stored)
@@ -593,7 +594,8 @@ def _read_mat(mat_path: Path) -> dict[str, np.ndarray]:
     except SourceError:
         raise
     except Exception as err:  # scipy raises many kinds of error on a damaged file
-        raise SourceError(f"SvhnSource: {mat_path} is not a readable MATLAB .mat file ({type(err).__name__}: {err})") from None
+        raise SourceError(f"SvhnSource: {mat_path} is not a readable MATLAB .mat file ({type(err).__name__}: "
+                          f"{err})") from None
 
 
 _IDX_UBYTE = 0x08

@@ -39,16 +39,14 @@ def read(path: str | Path) -> Any:
             data = f.read(MAX_BYTES + 1)  # (not stat: /dev/zero and pipes have no size)
     except OSError as err:
         raise YamlError(f"{path}: cannot read it ({err.strerror})") from None
-    if len(data) > MAX_BYTES:
-        raise YamlError(f"{path}: longer than {human_bytes(MAX_BYTES)}, the most a YAML document oodlab reads may "
-                        "have (a config or a benchmark is a few KiB); is it the right file?")
     return parse(data, str(path))
 
 
 def parse(text: str | bytes, where: str) -> Any:
     """A YAML document (text, or bytes in UTF-8/16) as Python values; YamlError naming `where` if it is refused."""
     if len(text) > MAX_BYTES:
-        raise YamlError(f"{where}: longer than {human_bytes(MAX_BYTES)}, the most a YAML document oodlab reads may have")
+        raise YamlError(f"{where}: longer than {human_bytes(MAX_BYTES)}, the most a YAML document oodlab reads may "
+                        "have (a config or a benchmark is a few KiB); is it the right file?")
     try:
         check_size(text, where)
         loader = Loader(text)
@@ -60,7 +58,7 @@ def parse(text: str | bytes, where: str) -> Any:
         raise
     except yaml.YAMLError as err:
         raise YamlError(f"{where}: not valid YAML ({err}); fix the line it names") from None
-    except (ValueError, OverflowError) as err:  # a scalar YAML reads but Python cannot hold (a 5000-digit int, 2024-13-45)
+    except (ValueError, OverflowError) as err:  # a scalar Python cannot hold: a 5000-digit int, 2024-13-45
         raise YamlError(f"{where}: a value cannot be read ({str(err).split(';')[0]}); write it differently") from None
 
 
@@ -74,8 +72,8 @@ def check_size(text: str | bytes, where: str) -> None:
             open_.append([event.anchor, values, 0])
             values += 1
             if len(open_) > MAX_DEPTH:
-                raise YamlError(f"{where}: nested more than {MAX_DEPTH} levels deep (line {event.start_mark.line + 1}); "
-                                "oodlab's documents need a handful")
+                raise YamlError(f"{where}: nested more than {MAX_DEPTH} levels deep (line "
+                                f"{event.start_mark.line + 1}); oodlab's documents need a handful")
             continue
         if isinstance(event, yaml.CollectionEndEvent):
             anchor, before, inner = open_.pop()
@@ -102,6 +100,6 @@ def check_size(text: str | bytes, where: str) -> None:
         if open_:
             open_[-1][2] = max(open_[-1][2], height)
         if values > MAX_NODES:
-            raise YamlError(f"{where}: more than {MAX_NODES:,} values (by line {event.start_mark.line + 1}; each *alias "
-                            "counts as the whole value it repeats, so an alias bomb stops here); oodlab's documents "
-                            "hold a few hundred: shorten the lists or write out what the aliases stand for")
+            raise YamlError(f"{where}: more than {MAX_NODES:,} values (by line {event.start_mark.line + 1}; each "
+                            "*alias counts as the whole value it repeats, so an alias bomb stops here); oodlab's "
+                            "documents hold a few hundred: shorten the lists or write out what the aliases stand for")

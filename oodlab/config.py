@@ -11,6 +11,10 @@ forgetting threshold; an `eval` stage scores a checkpoint with every post-hoc sc
 Configs mean what they say: a `mask` without `forget` is refused unless `mask.plain_edge_popup` says so; a
 stage that uses an estimate's threshold starts from the checkpoint the estimate measured; an epoch count
 searched under ASHA needs the stage's `schedule_epochs` (one cosine schedule for every trial).
+
+Hostile input is refused in moments: YAML through `oodlab.bounded_yaml`, every size and count bounded
+(`oodlab.limits`), floats finite. timm and torch (seconds to import) are imported by the two checks that need them
+(model.name, the eval scores), so a document refused before those is refused without them.
 """
 
 from __future__ import annotations
@@ -75,8 +79,8 @@ class ModelConfig(Section):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        from oodlab.models import check_model_name  # here, not above: timm and torch load in seconds, and a
-        # document refused before it names a model is refused without them
+        from oodlab.models import check_model_name  # (timm: see the module docstring)
+
         check_model_name(name)
         return name
 
@@ -176,7 +180,7 @@ class EvalConfig(Section):
     @field_validator("scores", "final_scores", "params")
     @classmethod
     def _known_scores(cls, value: list[str] | dict[str, Any]) -> list[str] | dict[str, Any]:
-        from oodlab.scores import available_scores  # (torch: see _known_model)
+        from oodlab.scores import available_scores  # (torch: see the module docstring)
 
         unknown = [name for name in value if name not in available_scores()]
         if unknown:
@@ -206,7 +210,7 @@ class RayConfig(Section):
     max_failures: Retries = 1
     # custom resources each worker also asks for, e.g. {train_slot: 1} with one train_slot per node puts one
     # worker on each node (CPUs and GPUs come from cpus_per_worker and use_gpu)
-    resources_per_worker: dict[Name, Annotated[float, Field(gt=0, le=MAX_CPUS)]] = {}
+    resources_per_worker: dict[str, PositiveFloat] = {}
 
     @field_validator("resources_per_worker")
     @classmethod

@@ -4,9 +4,10 @@
 its metrics equal the same run on one node, also when the node of one of the two workers is lost mid-stage (all
 its processes SIGKILLed) and another node joins; `oodlab jobs list | logs | stop`; a bad config is refused before
 any network; Ray's upload limit; every worker checks the data root on its node. The cluster runs in its own process
-group, apart from the session's local Ray that this process is connected to. The one-node reference run trains on
-that local Ray before the cluster starts (conftest's `one_node_run`): Ray Train's placement-group cleaner asks the newest Ray instance on the
-machine whether its controller lives (see local_ray_cluster.py), and would tear down a run on the older one.
+group, apart from the session's local Ray that this process is connected to. The one-node reference run (conftest's
+`one_node_run`) trains on that local Ray before the cluster starts: Ray Train's placement-group cleaner asks the
+newest Ray instance on the machine whether its controller lives (see local_ray_cluster.py), and would tear down a
+run on the older one.
 """
 
 from __future__ import annotations

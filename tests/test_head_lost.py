@@ -8,7 +8,6 @@ once and ends with the one-node run's metrics (conftest's `one_node_run`, to the
 from __future__ import annotations
 
 import os
-import re
 import time
 
 import pytest
@@ -44,7 +43,6 @@ def test_a_run_whose_whole_cluster_was_lost_resumes_when_submitted_to_a_new_one(
     with local_ray_cluster(nodes=2, resources={"train_slot": 1}, dashboard=True) as second:
         rerun = oodlab("submit", str(path), "--address", second.dashboard, "--follow", cwd=tmp_path, env=os.environ)
         assert rerun.returncode == 0, rerun.stdout[-5000:]
-        assert re.search(r"resumed after epoch 1\b", rerun.stdout), rerun.stdout[-5000:]
 
     client, stage = stage_run(cfg.mlflow.tracking_uri, name)
     assert {stage.info.status, client.get_run(stage.data.tags["mlflow.parentRunId"]).info.status} == {"FINISHED"}
@@ -52,5 +50,6 @@ def test_a_run_whose_whole_cluster_was_lost_resumes_when_submitted_to_a_new_one(
         assert [m.step for m in client.get_metric_history(stage.info.run_id, key)] == [0, 1], key  # each epoch once
     assert set(stage.data.tags["ray.node_ids"].split(",")) == set(second.node_ids)  # finished on the new cluster
     assert learned(stage.data.metrics) == pytest.approx(learned(one_node_run.data.metrics), rel=1e-5, abs=1e-6)
+    # (recovery_seconds checks that the stage resumed once, after epoch 1: not from scratch)
     print(f"\nhead lost ({storage}): recovery {recovery_seconds(cfg, stage.info.run_id, killed_at):.1f} s "
           "(kill -> a new cluster started, the job submitted again and training again)")

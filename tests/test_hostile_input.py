@@ -121,6 +121,18 @@ def png_bomb(width: int, height: int) -> bytes:
             + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
 
 
+def beton_declaring(tmp: Path, samples: int) -> list[str]:
+    """A .beton whose header declares `samples` samples, with an empty allocation table."""
+    from ffcv.types import CURRENT_VERSION, HeaderType
+
+    header = np.zeros(1, dtype=HeaderType)
+    header["version"], header["num_samples"] = CURRENT_VERSION, samples
+    header["alloc_table_ptr"] = HeaderType.itemsize
+    path = tmp / "big.beton"
+    path.write_bytes(header.tobytes())
+    return ["data", "inspect", str(path)]
+
+
 class RunsACommand:
     def __reduce__(self):
         return (os.system, ("touch PWNED",))
@@ -172,6 +184,8 @@ CASES = [
          "bomb.png: Image size (10000000000 pixels) exceeds limit"),
     Case("image list, not UTF-8", lambda t: data_write(t, "list.txt", b"\xff\xfe a.png 0\n"), "cannot read"),
     Case("CIFAR pickle that runs a command", cifar_pickle, "refusing to unpickle posix.system"),
+    Case(".beton header declaring 2^40 samples", lambda t: beton_declaring(t, 1 << 40),
+         "big.beton: corrupt (its header says 1,099,511,627,776 samples"),
     Case("SVHN .mat that is not one", lambda t: data_write(t, "x.mat", b"MATLAB 5.0" + bytes(200)), "x.mat is not a readable"),
 ]
 
