@@ -3,24 +3,26 @@
 A job's entrypoint (`python -m oodlab.cli ...`) runs in a shell on the head node with the PATH that Ray was started
 with. Started from a shell where oodlab's environment was not activated (`.venv/bin/ray start --head`), `python` is
 another interpreter, and the job would die with a raw `ModuleNotFoundError` from inside the cluster. So `check`
-first runs a tiny job there (PROBE: it looks oodlab's dependencies up, importing none of them) and refuses to
-submit, naming that interpreter, what it lacks and the fix.
+first runs a tiny job there, once per cluster (PROBE: it looks oodlab's dependencies up, importing none of them),
+and refuses to submit, naming that interpreter, what it lacks and the fix. The check job is kept, not deleted: Ray's
+job manager writes a job deleted before its supervisor actor has exited back into the list, as failed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import secrets
 import shlex
 import sys
 import time
+from typing import Any
 
 from oodlab.distributed import submit
 
 REQUIRED = ("torch", "timm", "ray", "ffcv", "mlflow", "pydantic", "yaml", "numpy")  # what `oodlab train` imports
 MIN_VERSION = (3, 10)  # pyproject's requires-python
-MARKER = "oodlab-python-check"
+MARKER = "oodlab-python-check"  # the check job's id prefix, and its output's
+CHECK_KEY = "oodlab.check"  # in the check job's metadata
 PROBE = (f"import importlib.util, json, sys; print({MARKER!r}, json.dumps({{'python': sys.executable, "
          f"'version': list(sys.version_info[:3]), 'missing': [m for m in {REQUIRED!r} "
          "if importlib.util.find_spec(m) is None]}))")
@@ -36,34 +38,38 @@ class ClusterPythonError(ValueError):
 
 
 def check(address: str) -> str:
-    """Run PROBE as a job on the cluster at `address` (then delete it); the interpreter its jobs run. Raises
-    ClusterPythonError if that `python` cannot run oodlab, JobServerError if the job server does not run the job."""
+    """The interpreter that jobs on the cluster at `address` run, once it is known to run oodlab: from the cluster's
+    check job (PROBE), run now if the cluster has none that finished (one per cluster: it stays in the job list,
+    named oodlab-python-check-..., where `oodlab jobs list` leaves it out). Raises ClusterPythonError if that
+    `python` cannot run oodlab, JobServerError if the job server does not run the check."""
+    done = [j for j in submit.list_jobs(address) if is_check(j) and j.status == submit.JobStatus.SUCCEEDED]
+    job_id = done[-1].submission_id if done else run_probe(address)
+    return judge(submit.logs(address, job_id))
+
+
+def is_check(job: Any) -> bool:
+    """Whether a job (Ray's JobDetails) is a check job of this module."""
+    return (job.metadata or {}).get(CHECK_KEY) == "python"
+
+
+def run_probe(address: str) -> str:
+    """Submit PROBE and wait for it to finish; its job id."""
     jobs = submit.client(address)
-    tried: list[str] = []  # a refused submission may still leave a record behind: each try has its own id
+    job_id = f"{MARKER}-{secrets.token_hex(3)}"
     deadline = time.monotonic() + WAIT_S
-    try:
-        while True:
-            tried.append(f"{MARKER}-{secrets.token_hex(3)}")
-            try:
-                jobs.submit_job(entrypoint=f"python -c {shlex.quote(PROBE)}", submission_id=tried[-1],
-                                metadata={"oodlab.check": "python"})
-                break
-            except Exception as err:  # the job server's client raises what its HTTP calls raise
-                if NOT_READY not in str(err) or time.monotonic() > deadline:
-                    raise submit.JobServerError(f"the job server at {address} refused a check job: {err}") from None
-                time.sleep(1)  # a head node that has just started
-        state = submit.wait(address, tried[-1], WAIT_S)
-        logs = submit.logs(address, tried[-1])
-    finally:
-        for job_id in tried:
-            with contextlib.suppress(Exception):  # a check job left in `oodlab jobs list` is harmless
-                jobs.stop_job(job_id)
-                submit.wait(address, job_id, 10)
-                jobs.delete_job(job_id)
-    if not state.is_terminal():
+    while True:
+        try:
+            jobs.submit_job(entrypoint=f"python -c {shlex.quote(PROBE)}", submission_id=job_id,
+                            metadata={CHECK_KEY: "python"})
+            break
+        except Exception as err:  # the job server's client raises what its HTTP calls raise
+            if NOT_READY not in str(err) or time.monotonic() > deadline:
+                raise submit.JobServerError(f"the job server at {address} refused a check job: {err}") from None
+            time.sleep(1)  # a head node that has just started
+    if not submit.wait(address, job_id, WAIT_S).is_terminal():
         raise submit.JobServerError(f"the cluster at {address} did not run a check job (it does nothing) within "
                                     f"{WAIT_S:.0f} s; is its head node overloaded?")
-    return judge(logs)
+    return job_id
 
 
 def judge(logs: str) -> str:

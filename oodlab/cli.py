@@ -398,12 +398,13 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     from datetime import datetime
 
     from oodlab.distributed import submit
+    from oodlab.distributed.cluster_python import is_check
 
     jobs = _job_server(lambda: submit.list_jobs(submit.resolve_address(args.address)))
     if jobs is None:
         return 1
     rows = [[j.submission_id or j.job_id, str(j.status), datetime.fromtimestamp(j.start_time / 1000).strftime("%Y-%m-%d %H:%M")
-             if j.start_time else "-", j.entrypoint] for j in jobs]
+             if j.start_time else "-", j.entrypoint] for j in jobs if not is_check(j)]  # (submit's check of the python)
     print(markdown(["job", "status", "started", "command"], rows) if rows else "no jobs")
     return 0
 

@@ -2,7 +2,7 @@
 
 `.venv/bin/ray start --head --block` from a shell whose PATH has no `.venv/bin`, where `python` is the system's
 (without torch, timm, ...). `oodlab submit --follow` must refuse before sending the job, exit 2, and name that
-interpreter, what it lacks and the fix, with no traceback; its check job is not left behind.
+interpreter, what it lacks and the fix, with no traceback; a second submit reads the first one's check job.
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ def head_without_the_venv(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "python").symlink_to(SYSTEM_PYTHON)
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "RAY_ADDRESS", "PYTHONPATH")}
-    env |= LOOPBACK_RAY | {"PATH": f"{bin_dir}:/usr/bin:/bin", "RAY_AUTH_MODE": "disabled"}
-    dashboard = free_port()
     ray_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env |= LOOPBACK_RAY | {"PATH": f"{bin_dir}:/usr/bin:/bin", "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
+    dashboard = free_port()
     ray = Path(sys.executable).parent / "ray"
     head = subprocess.Popen([str(ray), "start", "--head", "--block", "--port", str(free_port()), "--num-cpus", "1",
                              "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                             str(dashboard), "--temp-dir", ray_tmp],
+                             str(dashboard), "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", ray_tmp],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for_http(f"http://127.0.0.1:{dashboard}/api/version", head, "ray start --head")
@@ -62,11 +62,15 @@ def test_submit_refuses_a_cluster_whose_python_lacks_oodlabs_dependencies(head_w
     raw = tiny_raw(tmp_path, demo_root)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))
-    run = oodlab("submit", str(path), "--address", address, "--follow", cwd=tmp_path,
-                 env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    print(run.stdout)
-    assert run.returncode == 2, run.stdout[-3000:]
-    assert f"jobs on this cluster run `python`, which is {python}, and it lacks the packages torch, timm" in run.stdout
-    assert "Start Ray from the environment where oodlab is installed" in run.stdout and "infra/Dockerfile" in run.stdout
-    assert "Traceback" not in run.stdout and "submitted job" not in run.stdout
-    assert JobSubmissionClient(address).list_jobs() == []  # the check job is gone, and nothing else was sent
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    for attempt in range(2):  # the second reads the first's check job instead of running another
+        run = oodlab("submit", str(path), "--address", address, "--follow", cwd=tmp_path, env=env)
+        print(run.stdout)
+        assert run.returncode == 2, run.stdout[-3000:]
+        assert f"jobs on this cluster run `python`, which is {python}, and it lacks the packages torch, timm" in run.stdout
+        assert "Start Ray from the environment where oodlab is installed" in run.stdout
+        assert "infra/Dockerfile" in run.stdout and "Traceback" not in run.stdout and "submitted job" not in run.stdout
+    jobs = JobSubmissionClient(address).list_jobs()
+    assert len(jobs) == 1 and jobs[0].metadata == {"oodlab.check": "python"}  # the check, and nothing else was sent
+    listed = oodlab("jobs", "list", "--address", address, cwd=tmp_path, env=env)
+    assert listed.returncode == 0 and listed.stdout.strip() == "no jobs"
