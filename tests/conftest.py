@@ -97,6 +97,8 @@ def s3(tmp_path_factory):
     import boto3
     from servers import free_port, stop, wait_for_http
 
+    from oodlab.storage import filesystem
+
     port = free_port()
     logs = tmp_path_factory.mktemp("moto") / "server.log"
     server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
@@ -108,11 +110,13 @@ def s3(tmp_path_factory):
     try:
         wait_for_http(f"http://127.0.0.1:{port}/moto-api/", server, "moto_server", timeout_s=60)
         os.environ.update(env)
+        filesystem.cache_clear()  # pyarrow filesystems opened for another module's server (same bucket name)
         boto3.client("s3").create_bucket(Bucket=BUCKET)
         yield env
     finally:
         for k, v in before.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        filesystem.cache_clear()
         stop(server)
 
 

@@ -196,8 +196,12 @@ def test_a_server_answering_500_then_503_mid_run_loses_and_duplicates_no_metric_
 
     armed = threading.Thread(target=arm, daemon=True)
     armed.start()
-    state = pipeline.run(cfg)
-    armed.join()
+    try:
+        state = pipeline.run(cfg)
+        armed.join()
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
     refused = {status: sum(n for (s, _, _), n in proxy.answered.items() if s == status) for status in (500, 503)}
     assert not proxy.phases and refused == {500: 4, 503: 3}, proxy.answered
     assert tracking.buffered(cfg) == {}
