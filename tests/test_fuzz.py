@@ -69,14 +69,15 @@ def raw_yaml(draw: st.DrawFn) -> str:
 
 
 def similar(value: Any) -> st.SearchStrategy:
-    """Values like `value`: small numbers for a number, a flag for a flag; any value otherwise."""
+    """Another value of the same kind, most often still valid: a number between half and twice it (a whole number
+    stays whole), a flag; anything else as it is."""
     if isinstance(value, bool):
         return st.booleans()
     if isinstance(value, int):
-        return st.integers(0, 4 * max(value, 16))
+        return st.integers(value // 2, 2 * value)
     if isinstance(value, float):
-        return st.floats(0, 2 * max(value, 1))
-    return values
+        return st.floats(value / 2, value)
+    return st.just(value)
 
 
 def leaf_paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
