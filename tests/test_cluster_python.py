@@ -63,7 +63,7 @@ def test_submit_refuses_a_cluster_whose_python_lacks_oodlabs_dependencies(head_w
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    for attempt in range(2):  # the second reads the first's check job instead of running another
+    for _ in range(2):  # the second reads the first's check job instead of running another
         run = oodlab("submit", str(path), "--address", address, "--follow", cwd=tmp_path, env=env)
         print(run.stdout)
         assert run.returncode == 2, run.stdout[-3000:]

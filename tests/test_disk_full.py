@@ -28,8 +28,6 @@ from oodlab.datapipes import beton
 from oodlab.datapipes.benchmarks import get_benchmark
 from oodlab.distributed import checkpoint
 
-MiB = 1 << 20
-
 
 @contextlib.contextmanager
 def small_disk(path: Path, size: str) -> Iterator[Path]:
@@ -53,7 +51,6 @@ def fill(disk: Path, leave: int) -> Path:
     filler = disk / "filler"
     free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
     with open(filler, "wb") as f:
-        f.truncate(0)
         os.posix_fallocate(f.fileno(), 0, free - leave)
     return filler
 
