@@ -26,12 +26,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BeforeValidator, Discriminator, Field, Tag, ValidationError, model_validator
 
-from oodlab.config import Config, Section, describe_errors
+from oodlab import bounded_yaml
+from oodlab.config import Classes, Config, Name, Section, describe_errors
 from oodlab.datapipes import floor
-from oodlab.datapipes.glyphs import FONT_COLLECTIONS
+from oodlab.datapipes.glyphs import CANVAS, FONT_COLLECTIONS
+from oodlab.limits import (MAX_CLASSES, MAX_CROPS_BYTES, MAX_IMAGE_SIDE, MAX_IMAGE_SIZE, MAX_SAMPLES,
+                           MAX_WORKER_BATCH_BYTES, batch_cost, count, human_bytes, image_bytes, image_cost)
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin_benchmarks"
 ID_SPLITS = ("id_train", "id_val", "id_test")
@@ -41,8 +43,13 @@ RESERVED_GROUPS = ("all", "val")  # metric names ood/<score>/all|val/... are tak
 STATS_FILE = "benchmark.json"
 FLOOR_FILE = "pixel_floor.json"  # oodlab.datapipes.floor
 
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 Unit = Annotated[float, Field(gt=0, le=1)]
+Unit0 = Annotated[float, Field(ge=0, le=1)]
+Samples = count(MAX_SAMPLES, "samples")
+ImageSize = count(MAX_IMAGE_SIZE, "px", image_cost, low=8)
+StoredSide = count(MAX_IMAGE_SIDE, "px", image_cost, low=8)
+Label = Annotated[int, Field(ge=0, lt=MAX_CLASSES)]
+CROP_PICTURE_SIDE = 512  # the short side of scikit-image's largest sample pictures (astronaut: 512 x 512)
 
 
 class BenchmarkError(ValueError):
@@ -62,17 +69,17 @@ class SourceSpec(Section):
     path: str | None = None
     package: str | None = None
     crops: list[str] | None = None
-    glyphs: str | None = None
+    glyphs: Annotated[str, Field(min_length=1, max_length=1000)] | None = None  # the characters to draw
     parts: list[SourceSpec] | None = None
     split: Literal["train", "test"] | None = None  # CIFAR pickles and packages: which official split
     labels: str | None = None  # IDX: the labels file (default: beside the images, official naming)
-    only_labels: list[int] | None = None  # keep the samples with these labels (e.g. MNIST digits 5-9)
-    limit: Annotated[int, Field(gt=0)] | None = None  # a deterministic subset: the first N of a seeded shuffle
-    count: Annotated[int, Field(gt=0)] = 300  # crops and glyphs: how many
+    only_labels: list[Label] | None = None  # keep the samples with these labels (e.g. MNIST digits 5-9)
+    limit: Samples | None = None  # a deterministic subset: the first N of a seeded shuffle
+    count: Samples = 300  # crops and glyphs: how many (held in memory while the benchmark builds: see _one_kind)
     scale: tuple[Unit, Unit] = (0.06, 0.3)  # crops: side as a fraction of the picture's shorter side
     invert: bool = False  # crops: 255 - pixels (dark ink on light paper -> light on dark)
     fonts: list[str] = ["matplotlib"]  # glyphs: font collections (see glyphs.FONT_COLLECTIONS) or .ttf/.otf files
-    pad: Annotated[float, Field(ge=0, le=1)] = 0.0  # black border on each side, a fraction of the longer side
+    pad: Unit0 = 0.0  # black border on each side, a fraction of the longer side
 
     def shares_data_with(self, other: SourceSpec) -> bool:
         """Same file or folder (or one inside the other), same packaged set, a picture in common, or a glyph
@@ -96,6 +103,15 @@ class SourceSpec(Section):
             raise ValueError(f"set exactly one of {', '.join(KINDS)} (a string is a path, a list is parts)")
         if self.scale[0] > self.scale[1]:
             raise ValueError("scale: [low, high] needs low <= high")
+        if self.crops or self.glyphs:
+            side = round(self.scale[1] * CROP_PICTURE_SIDE) if self.crops else CANVAS
+            most = self.count * image_bytes(side)
+            if most > MAX_CROPS_BYTES:
+                what = f"crops of up to {side}x{side} px (scale {self.scale[1]} of a {CROP_PICTURE_SIDE} px picture)" \
+                    if self.crops else f"glyphs of {side}x{side} px"
+                raise ValueError(f"count: {self.count:,} {what} may take {human_bytes(most)} in memory while the "
+                                 f"benchmark builds, more than the {human_bytes(MAX_CROPS_BYTES)} oodlab accepts; "
+                                 "lower count" + (" or scale" if self.crops else ""))
         return self
 
 
@@ -118,7 +134,7 @@ class HeldOut(Section):
 
     fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
     of: Literal["train", "test"] = "train"  # test: for pretrained weights that saw all of train (ImageNet)
-    cap_per_class: Annotated[int, Field(gt=0)] | None = None
+    cap_per_class: Samples | None = None
 
 
 def _val_kind(value: Any) -> str:
@@ -151,7 +167,7 @@ class OodSpec(Section, extra="allow"):
 
 class WriteSpec(Section):
     mode: Literal["raw", "jpg"] = "raw"
-    max_resolution: Annotated[int, Field(ge=8)] | None = None  # longest side stored (with square: false)
+    max_resolution: StoredSide | None = None  # longest side stored (with square: false)
     jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 90
     square: bool = True  # resize + center-crop to image_size when writing; false: crop when loading (ImageNet)
 
@@ -173,11 +189,11 @@ def _as_outliers(value: Any) -> Any:
 
 class BenchmarkSpec(Section):
     name: Name
-    image_size: Annotated[int, Field(ge=8)]
+    image_size: ImageSize
     id: IdSpec
     ood: OodSpec
-    num_classes: Annotated[int, Field(gt=0)] | None = None  # default: the class count of id.train
-    mean: tuple[float, float, float] | None = None  # 0..1 scale; default: computed from id.train at build time
+    num_classes: Classes | None = None  # default: the class count of id.train
+    mean: tuple[Unit0, Unit0, Unit0] | None = None  # 0..1 scale; default: computed from id.train at build time
     std: tuple[Unit, Unit, Unit] | None = None
     augment: Literal["pad-crop", "random-resized-crop", "flip", "none"] = "pad-crop"  # train-time augmentation
     eval_crop: Unit = 1.0  # center-crop fraction of the shorter side at evaluation (ImageNet: 0.875)
@@ -370,9 +386,9 @@ def get_benchmark(ref: str | Path, root: Path | None = None) -> Benchmark:
                                  "or the path of your own benchmark .yaml")
         base = None
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise BenchmarkError(f"{path}: not valid YAML ({err}); fix the line it names") from None
+        raw = bounded_yaml.read(path)
+    except bounded_yaml.YamlError as err:
+        raise BenchmarkError(str(err)) from None
     bench = from_dict(raw, ref, base, where=str(path))
     return with_built_stats(bench, root) if root is not None else bench
 
@@ -397,10 +413,22 @@ def for_config(cfg: Config) -> Benchmark:
             "held out of that same train set. Take id.val from data the weights never saw (in the benchmark YAML: "
             "`val: {fraction: 0.2, of: test}` or a separate source), or set model.weights_saw_id_train=false if "
             "the weights come from other data")
+    check_batch_memory(cfg, bench)
     bench.require(cfg.data.root)
     bench = with_built_stats(bench, cfg.data.root)
     check_built(bench, cfg.data.root)
     return bench
+
+
+def check_batch_memory(cfg: Config, bench: Benchmark) -> None:
+    """Refuse a batch that one worker could not hold: its float32 images at the benchmark's image_size."""
+    for key in ("batch_size", "eval_batch_size"):
+        per_worker = -(-getattr(cfg.data, key) // cfg.ray.num_workers)
+        if per_worker * image_bytes(bench.image_size, itemsize=4) > MAX_WORKER_BATCH_BYTES:
+            raise BenchmarkError(f"data.{key}: {getattr(cfg.data, key):,} images over {cfg.ray.num_workers} workers is "
+                                 f"{per_worker:,} per worker, and {batch_cost(per_worker, bench.image_size)} on each, "
+                                 f"more than the {human_bytes(MAX_WORKER_BATCH_BYTES)} oodlab accepts; lower "
+                                 f"data.{key} or add workers")
 
 
 def check_built(bench: Benchmark, root: Path) -> None:

@@ -186,6 +186,10 @@ def _check_header(path: Path, size: int) -> None:
         raise BetonError(f"{path}: incomplete (the write never finished: no allocation table); {_FIX}")
     if table_ptr > size or (size - table_ptr) % ALLOC_TABLE_TYPE.itemsize:
         raise BetonError(f"{path}: truncated ({size} bytes; the allocation table starts at {table_ptr}); {_FIX}")
+    rows = (size - table_ptr) // ALLOC_TABLE_TYPE.itemsize  # every sample's image has one at least
+    if header["num_samples"] > rows:
+        raise BetonError(f"{path}: corrupt (its header says {header['num_samples']:,} samples, its allocation table "
+                         f"has {rows:,} rows); {_FIX}")
 
 
 def _check_tables(reader: Reader, path: Path) -> None:

@@ -9,20 +9,34 @@ what the user placed on disk, and fail with errors that name the path and the fi
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
+import warnings
+import zipfile
+import zlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import psutil
 import scipy.io
 from PIL import Image
+
+from oodlab.limits import MAX_IMAGE_PIXELS, human_bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 OOD_LABEL = -1
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _LISTED_CLASSES = 20  # describe() lists every class's count up to this many classes
 _LISTED_PATHS = 5  # errors about many files name this many of them
+MAX_PICKLE_BYTES = 1 << 30  # a CIFAR pickle (CIFAR-100's train batch, the largest, is 155 MB)
+# An array file that expands more than BOMB_RATIO times, to more than BOMB_MIN_BYTES, is refused as a decompression
+# bomb: real image arrays compress a few times at most.
+BOMB_RATIO = 100
+BOMB_MIN_BYTES = 256 << 20
 
 
 class SourceError(ValueError):
@@ -55,10 +69,37 @@ def pil_to_rgb_uint8(image: Image.Image) -> np.ndarray:
     return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
+@contextmanager
+def open_image(path: Path) -> Iterator[Image.Image]:
+    """PIL's lazy image (header read, nothing decoded), refused (SourceError) above MAX_IMAGE_PIXELS."""
+    with warnings.catch_warnings():  # PIL warns of big images itself (then refuses them above twice its own limit)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        opened = Image.open(path)
+    with opened as image:
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise SourceError(f"its header says {width}x{height} pixels ({human_bytes(width * height * 3)} decoded as "
+                              f"RGB), more than the {MAX_IMAGE_PIXELS:,} pixels oodlab decodes per image")
+        yield image
+
+
+def check_fits(path: Path, nbytes: int, stored: int) -> None:
+    """Refuse to load `nbytes` of arrays (declared by a file's headers, from `stored` bytes on disk) when this machine
+    could not hold them, or when they would expand like a decompression bomb."""
+    available = psutil.virtual_memory().available
+    if nbytes > available // 2:
+        raise SourceError(f"{path}: its arrays take {human_bytes(nbytes)} in memory (from the sizes in its headers), "
+                          f"more than half of the {human_bytes(available)} available here; split it into smaller files")
+    if nbytes > BOMB_MIN_BYTES and nbytes > BOMB_RATIO * stored:
+        raise SourceError(f"{path}: {human_bytes(stored)} on disk would expand to {human_bytes(nbytes)} "
+                          f"({nbytes // max(stored, 1):,} times): real image data compresses a few times at most, so "
+                          "this looks like a decompression bomb; save the arrays uncompressed")
+
+
 def load_image(path: Path) -> np.ndarray:
     """Decode one image file to (H, W, 3) uint8 RGB; SourceError naming the path if it cannot be read."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             return pil_to_rgb_uint8(image)
     except _PIL_ERRORS as err:
         raise SourceError(
@@ -72,7 +113,7 @@ def is_readable_image(path: Path) -> bool:
     verify() does not decode all pixel data, so a truncated JPEG can still pass and then fail at load.
     """
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.verify()
         return True
     except _PIL_ERRORS:
@@ -286,7 +327,12 @@ class ImageListSource(FileImageSource):
 
     @staticmethod
     def _read_entries(list_file: Path) -> list[tuple[str, int]]:
-        lines = [line.strip() for line in list_file.read_text(encoding="utf-8").splitlines()]
+        try:
+            text = list_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise SourceError(f"ImageListSource: cannot read {list_file} as UTF-8 text ({err}); an image list holds "
+                              "'relative/path label' lines") from None
+        lines = [line.strip() for line in text.splitlines()]
         entries = [parse_list_line(line) for line in lines if line and not line.startswith("#")]
         if not entries:
             raise SourceError(f"ImageListSource: {list_file} lists no images; expected lines 'relative/path label'")
@@ -342,19 +388,53 @@ class ArraySource(ImageSource):
         path = Path(path)
         if not path.is_file():
             raise SourceError(f"ArraySource.from_npz: file {path} does not exist")
-        with np.load(path, allow_pickle=False) as npz:
-            if "images" not in npz.files:
-                raise SourceError(
-                    f"ArraySource.from_npz: {path} has keys {npz.files}, needs 'images' (and optionally 'labels')"
-                )
-            images = npz["images"]
-            labels = npz["labels"] if "labels" in npz.files else None
-            if classes is None and "classes" in npz.files:
-                classes = [str(c) for c in npz["classes"]]
+        keys = npz_headers(path)
+        if "images" not in keys:
+            raise SourceError(f"ArraySource.from_npz: {path} has keys {sorted(keys)}, needs 'images' (and optionally "
+                              "'labels')")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                images = npz["images"]
+                labels = npz["labels"] if "labels" in npz.files else None
+                if classes is None and "classes" in npz.files:
+                    classes = [str(c) for c in npz["classes"]]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            raise SourceError(f"ArraySource.from_npz: cannot read {path} ({type(err).__name__}: {err})") from None
         try:
             return cls(images, labels, name or path.stem, classes)
         except SourceError as err:
             raise SourceError(f"{path}: {err}") from err
+
+
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each array of an .npz as (shape, dtype), from its .npy header (nothing decoded). SourceError naming the file
+    if it is no zip of .npy arrays, holds Python objects (never unpickled), or holds more than this machine can."""
+    arrays, nbytes, stored = {}, 0, 0
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                key = info.filename.removesuffix(".npy")
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    if version not in _NPY_HEADER_READERS:
+                        raise SourceError(f"{path}: array '{key}' is in .npy format {version}; write it with np.savez")
+                    shape, _, dtype = _NPY_HEADER_READERS[version](member)
+                if dtype.hasobject:
+                    raise SourceError(f"{path}: array '{key}' holds Python objects (dtype {dtype}), which oodlab "
+                                      "never unpickles; save numeric arrays (images uint8, labels int), classes as str")
+                arrays[key] = (shape, dtype)
+                nbytes += math.prod(shape) * dtype.itemsize
+                stored += info.compress_size
+    except SourceError:
+        raise
+    except (zipfile.BadZipFile, ValueError, EOFError, zlib.error) as err:
+        raise SourceError(f"{path}: not an .npz of numeric arrays ({type(err).__name__}: {err}); write it with "
+                          "np.savez(path, images=..., labels=...)") from None
+    check_fits(path, nbytes, stored)
+    return arrays
 
 
 _CIFAR_LAYOUT = {
@@ -404,13 +484,17 @@ def _unpickle(path: Path) -> dict:
     """An official CIFAR "python version" pickle, through an unpickler that builds numpy arrays and nothing else."""
     if not path.is_file():
         raise SourceError(f"CifarSource: missing {path}; extract the official 'python version' archive there")
+    size = path.stat().st_size
+    if size > MAX_PICKLE_BYTES:
+        raise SourceError(f"CifarSource: {path} is {human_bytes(size)}, more than the {human_bytes(MAX_PICKLE_BYTES)} "
+                          "a CIFAR pickle may have (the largest official one is 155 MB); is it the right file?")
     with open(path, "rb") as f:
         try:
             content = _NumpyOnlyUnpickler(f, encoding="bytes").load()
         except SourceError as err:
             raise SourceError(f"CifarSource: {path}: {err}") from None
-        except (pickle.UnpicklingError, EOFError) as err:
-            raise SourceError(f"CifarSource: {path} is not a readable pickle ({err})") from None
+        except Exception as err:  # a damaged or crafted pickle fails in many ways, all of them this file's fault
+            raise SourceError(f"CifarSource: {path} is not a readable pickle ({type(err).__name__}: {err})") from None
     if not isinstance(content, dict):
         raise SourceError(f"CifarSource: {path} holds a {type(content).__name__}, not the official batch dict")
     return content
@@ -484,10 +568,7 @@ class SvhnSource(ArraySource):
         mat_path = Path(mat_path)
         if not mat_path.is_file():
             raise SourceError(f"SvhnSource: file {mat_path} does not exist; pass the path of e.g. test_32x32.mat")
-        content = scipy.io.loadmat(mat_path)
-        if "X" not in content or "y" not in content:
-            keys = sorted(k for k in content if not k.startswith("__"))
-            raise SourceError(f"SvhnSource: {mat_path} has keys {keys}, needs 'X' and 'y' (cropped-digits format)")
+        content = _read_mat(mat_path)
         x, y = content["X"], np.asarray(content["y"]).ravel()
         if x.ndim != 4 or x.shape[2] != 3 or x.dtype != np.uint8:
             raise SourceError(f"SvhnSource: {mat_path} X is {x.dtype} {x.shape}, expected uint8 (32, 32, 3, N)")
@@ -501,25 +582,47 @@ class SvhnSource(ArraySource):
         self.path = mat_path
 
 
+def _read_mat(mat_path: Path) -> dict[str, np.ndarray]:
+    """The 'X' and 'y' variables of an SVHN .mat, their sizes checked from its headers first."""
+    try:
+        variables = {name: shape for name, shape, _ in scipy.io.whosmat(mat_path)}
+        if "X" not in variables or "y" not in variables:
+            raise SourceError(f"SvhnSource: {mat_path} has keys {sorted(variables)}, needs 'X' and 'y' (cropped-digits "
+                              "format)")
+        check_fits(mat_path, math.prod(variables["X"]) + 8 * math.prod(variables["y"]), mat_path.stat().st_size)
+        return scipy.io.loadmat(mat_path, variable_names=["X", "y"])
+    except SourceError:
+        raise
+    except Exception as err:  # scipy raises many kinds of error on a damaged file
+        raise SourceError(f"SvhnSource: {mat_path} is not a readable MATLAB .mat file ({type(err).__name__}: "
+                          f"{err})") from None
+
+
 _IDX_UBYTE = 0x08
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (MNIST / Fashion-MNIST format; gzipped if it ends in .gz) as a uint8 array."""
+    """An IDX file (MNIST / Fashion-MNIST format; gzipped if it ends in .gz) as a uint8 array; its declared size is
+    checked (check_fits) before the data is read."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as err:
-        raise SourceError(f"IdxSource: cannot read {path}: {err}") from err
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != _IDX_UBYTE:
-        raise SourceError(f"IdxSource: {path} is not an unsigned-byte IDX file (magic {raw[:4].hex()})")
-    ndim = raw[3]
-    shape = tuple(int(d) for d in np.frombuffer(raw, ">i4", count=ndim, offset=4))
-    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(shape)):
-        raise SourceError(f"IdxSource: {path} declares shape {shape} but holds {data.size} values (truncated?)")
-    return data.reshape(shape)
+            magic = f.read(4)
+            if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] != _IDX_UBYTE:
+                raise SourceError(f"IdxSource: {path} is not an unsigned-byte IDX file (magic {magic.hex()})")
+            dims = f.read(4 * magic[3])
+            shape = tuple(int(d) for d in np.frombuffer(dims, ">u4", count=len(dims) // 4))
+            count = math.prod(shape)
+            if len(shape) != magic[3]:
+                raise SourceError(f"IdxSource: {path} ends inside its header (truncated?)")
+            check_fits(path, count, path.stat().st_size)
+            data = f.read(count + 1)
+    except (OSError, EOFError, zlib.error) as err:
+        raise SourceError(f"IdxSource: cannot read {path}: {err}") from None
+    if len(data) != count:
+        raise SourceError(f"IdxSource: {path} declares shape {shape} but holds {len(data)}"
+                          f"{'+' if len(data) > count else ''} values (truncated or damaged?)")
+    return np.frombuffer(data, np.uint8).reshape(shape)
 
 
 def idx_labels_path(images: Path) -> Path:

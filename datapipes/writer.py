@@ -6,13 +6,17 @@ read through `GuardedSource`, which never raises inside a worker: it puts the fa
 hands FFCV a tiny placeholder instead. The main loop watches that queue and the workers' exit codes.
 On a failure it stops the workers and raises WriteError naming the image; with skip_bad an unreadable
 image is counted instead, and `finalize` drops the skipped samples from the file (their metadata rows
-and allocations; the remaining samples are renumbered), so the file holds only real images.
+and allocations; the remaining samples are renumbered), so the file holds only real images. A worker that
+fills the disk says so on the same queue (no traceback) and the write stops with ENOSPC, which
+`oodlab.atomic` turns into DiskFull naming the file.
 """
 
 from __future__ import annotations
 
+import errno
 import multiprocessing as mp
 import queue
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -23,6 +27,7 @@ from ffcv.writer import DatasetWriter
 from tqdm import tqdm
 
 from oodlab.datapipes.sources import OOD_LABEL, ImageSource, SourceError
+from oodlab.errors import no_space
 
 PLACEHOLDER = np.zeros((8, 8, 3), dtype=np.uint8)  # what FFCV encodes for a failed sample until it is dropped
 _POLL_S = 0.05
@@ -36,6 +41,7 @@ class Failure(NamedTuple):
     index: int  # sample index in the source (and in the file being written)
     message: str
     skippable: bool  # an unreadable image (SourceError); anything else is a bug or a limit: never skipped
+    disk_full: bool = False  # a worker could not write its pages: the disk is full
 
 
 def sample_origin(source: ImageSource, index: int) -> str:
@@ -115,7 +121,8 @@ class SupervisedWriter(DatasetWriter):
         allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
         args = (todo, self.metadata_sm, self.metadata_type, self.fields, allocator, done, allocations_queue,
                 *extra_worker_args)
-        workers = [mp.Process(target=work_fn, args=args, daemon=True) for _ in range(self.num_workers)]
+        workers = [mp.Process(target=_work, args=(work_fn, self.failure_queue, *args), daemon=True)
+                   for _ in range(self.num_workers)]
         try:
             for w in workers:
                 w.start()
@@ -137,7 +144,7 @@ class SupervisedWriter(DatasetWriter):
         try:
             while shown < self.num_samples:
                 self._drain_failures()
-                _check_workers(workers)
+                self._check_workers(workers)
                 value = done.value
                 if value > shown:
                     bar.update(value - shown)
@@ -156,12 +163,19 @@ class SupervisedWriter(DatasetWriter):
                     break
                 except queue.Empty:
                     self._drain_failures()
-                    _check_workers(workers)
+                    self._check_workers(workers)
         for w in workers:  # a worker exits once its queues are flushed
             while w.is_alive():
                 self._drain_failures()
                 w.join(_POLL_S)
         return allocations
+
+    def _check_workers(self, workers: list[mp.Process]) -> None:
+        dead = [w for w in workers if w.exitcode not in (None, 0)]
+        if dead:
+            self._drain_failures()  # a worker that said why (a full disk) put it on the queue before it exited
+            raise WriteError(f"a writer worker died (exit code {dead[0].exitcode}); its traceback is printed above. "
+                             "Common causes: out of memory (use fewer --workers) or a bug in a custom source")
 
     def _drain_failures(self) -> None:
         while True:
@@ -169,6 +183,8 @@ class SupervisedWriter(DatasetWriter):
                 failure: Failure = self.failure_queue.get_nowait()
             except queue.Empty:
                 return
+            if failure.disk_full:
+                raise OSError(errno.ENOSPC, failure.message)
             if not (self.skip_bad and failure.skippable):
                 raise WriteError(failure.message)
             self.skipped.append(failure)
@@ -195,8 +211,12 @@ class SupervisedWriter(DatasetWriter):
             fp.write(self.header.tobytes())
 
 
-def _check_workers(workers: list[mp.Process]) -> None:
-    dead = [w for w in workers if w.exitcode not in (None, 0)]
-    if dead:
-        raise WriteError(f"a writer worker died (exit code {dead[0].exitcode}); its traceback is printed above. "
-                         "Common causes: out of memory (use fewer --workers) or a bug in a custom source")
+def _work(work_fn: Any, failures: Any, *args: Any) -> None:
+    """FFCV's worker job; a full disk goes to the failure queue instead of a traceback."""
+    try:
+        work_fn(*args)
+    except OSError as err:
+        if not no_space(err):
+            raise
+        failures.put(Failure(-1, str(err), skippable=False, disk_full=True))
+        sys.exit(1)

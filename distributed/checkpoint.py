@@ -6,7 +6,8 @@ A checkpoint directory holds:
   meta.json       stage, epoch, metrics
 Rank 0 writes it into the pipeline's run folder (`run_dir`: a local folder or a URI, through oodlab.storage)
 under `<stage>_epoch_NNNN`. Ray Train is not handed the checkpoint: oodlab resumes from the files, and a
-pool of worker groups (a sweep's) writes each trial's checkpoints into that trial's own folder.
+pool of worker groups (a sweep's) writes each trial's checkpoints into that trial's own folder. A checkpoint
+that does not fit on its disk raises DiskFull (naming it and the space left) and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from oodlab.atomic import atomic_path, fsync, write_text
 from oodlab.config import Config
+from oodlab.errors import DiskFull
 from oodlab.storage import RemotePath, StoragePath, location, remove, upload
 
 MODEL = "model.pt"
@@ -57,7 +59,11 @@ def write(cfg: Config, stage: str, epoch: int, model_state: dict[str, torch.Tens
     for stale in target.parent.glob(f".{target.name}.partial-*"):  # left by a writer that died
         remove(stale)
     building = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    save(building, model_state, meta, train_state)
+    try:
+        save(building, model_state, meta, train_state)
+    except DiskFull:
+        remove(building)
+        raise DiskFull.at(target, "checkpoint") from None
     remove(target)  # an incomplete copy of the same epoch, written before a failure
     os.replace(building, target)
     fsync(target.parent)
@@ -123,5 +129,5 @@ def newest_training_state(cfg: Config, stage: str) -> tuple[StoragePath, dict[st
 
 
 def _save_tensor_file(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: torch's error then says why it failed
+        torch.save(state, f)

@@ -213,7 +213,7 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
     import requests
 
     try:
-        requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s)
+        health(tracking_uri, timeout_s)
     except requests.RequestException as err:
         raise ConnectionError(f"mlflow.tracking_uri: the MLflow server at {redact(tracking_uri)} does not answer "
                               f"({type(err).__name__}); start it, or set mlflow.tracking_uri / MLFLOW_TRACKING_URI "
@@ -323,21 +323,33 @@ def buffer_note(cfg: Config) -> str | None:
             "sends them")
 
 
+def health(tracking_uri: str, timeout_s: float = 5.0) -> int:
+    """The HTTP status of the tracking server's /health (requests' error if it does not answer)."""
+    import requests
+
+    return requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s).status_code
+
+
 def answers(tracking_uri: str) -> bool:
-    """Whether the tracking server answers its /health now (always true for a local store)."""
+    """Whether the tracking server answers its /health now, and not with a server error (5xx: overloaded, or a
+    gateway before it that cannot reach it); always true for a local store."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return True
+    import requests
+
     try:
-        check_reachable(tracking_uri)
-    except ConnectionError:
+        return health(tracking_uri) < 500
+    except requests.RequestException:
         return False
-    return True
 
 
 class RunLogger:
     """Logs to one existing run. Create it on rank 0 only.
 
-    With a `buffer` folder, a call the server does not take because it is unreachable (refused, timed out, 5xx)
-    is kept there (tracking_buffer) instead of failing training; while records wait, every call first asks the
-    server's /health and, once it answers, sends them (oldest first). Any other error (bad input) raises.
+    With a `buffer` folder, a call the server does not take because it is unreachable (refused, timed out, 5xx
+    after MLflow's retries) is kept there (tracking_buffer) instead of failing training; while records wait, every
+    call first asks the server's /health and, once it answers without a server error, sends them (oldest first).
+    Any other error (bad input) raises.
     """
 
     def __init__(self, tracking_uri: str, run_id: str, buffer: Path | None = None):

@@ -36,6 +36,7 @@ from oodlab.distributed import checkpoint, tracking
 from oodlab.distributed.artifacts import log_final_artifacts
 from oodlab.distributed.evaluate import Evaluation, evaluate
 from oodlab.distributed.jobs import END, SKIP, Epoch, Job, StageResult
+from oodlab.errors import DiskFull
 from oodlab.masking import attach_masks, dense_state_dict
 from oodlab.methods import Step, TrainMethod
 from oodlab.models import FeatureNet, create_model
@@ -281,15 +282,22 @@ class Recipe:
 
     def save(self, epoch: int, metrics: dict[str, float], net: FeatureNet | None = None,
              train_state: dict[str, Any] | None = None) -> None:
-        """Rank 0 writes the epoch's checkpoint (the dense model, what resuming needs, the metrics) and prunes old ones."""
+        """Rank 0 writes the epoch's checkpoint (the dense model, what resuming needs, the metrics) and prunes old ones.
+        One that does not fit on its disk stops the stage on every rank (StageError: a retry would fill the disk
+        again), its previous checkpoint intact."""
         ctx = self.ctx
-        if ctx.rank != 0:
-            return
-        meta = {"stage": ctx.job.stage, "epoch": epoch, "metrics": metrics}
-        model_state = None if net is None else dense_state_dict(net.model)
-        written = checkpoint.write(ctx.cfg, ctx.job.stage, epoch, model_state, meta, train_state)
-        checkpoint.prune(ctx.cfg, ctx.job.stage)
-        self.result = StageResult(str(written), metrics)
+        full = None
+        if ctx.rank == 0:
+            meta = {"stage": ctx.job.stage, "epoch": epoch, "metrics": metrics}
+            model_state = None if net is None else dense_state_dict(net.model)
+            try:
+                written = checkpoint.write(ctx.cfg, ctx.job.stage, epoch, model_state, meta, train_state)
+                checkpoint.prune(ctx.cfg, ctx.job.stage)
+                self.result = StageResult(str(written), metrics)
+            except DiskFull as err:
+                full = err
+        if not from_rank0(ctx.device, full is None):
+            raise StageError(str(full or "rank 0 could not write the checkpoint: its disk is full"))
 
 
 class TrainRecipe(Recipe):
@@ -413,6 +421,15 @@ class TrainRecipe(Recipe):
         ctx.say(f"resumed after epoch {epoch + 1}")
         self.result = StageResult(str(path), meta["metrics"])
         return epoch + 1
+
+
+def from_rank0(device: torch.device, flag: bool) -> bool:
+    """Rank 0's flag on every rank (so that all stop at the same point)."""
+    if not dist.is_initialized():
+        return flag
+    shared = torch.tensor([float(flag)], device=device)
+    dist.broadcast(shared, 0)
+    return bool(shared.item())
 
 
 def agreed_flags(device: torch.device, finite: torch.Tensor, wanted: bool) -> tuple[bool, bool]:

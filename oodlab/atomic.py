@@ -1,7 +1,8 @@
 """Atomic file writes: write beside the target under a hidden temp name, fsync, then rename into place.
 
 The file is fsynced before the rename and its folder after it, so after a crash or power loss a reader
-finds the old file or the complete new one, never a partial or empty one. Temp files of writers that
+finds the old file or the complete new one, never a partial or empty one. A write that fills the disk raises
+DiskFull naming the file and the space left, and leaves the old file as it was. Temp files of writers that
 died (`.<name>.partial-<pid>` whose process is gone) are removed when the next write of that file starts.
 `write_text` also takes a path under a URI (oodlab.storage), where an upload is all-or-nothing by itself.
 """
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from oodlab.errors import DiskFull, no_space
 from oodlab.storage import RemotePath, StoragePath, location
 
 PARTIAL = ".partial-"
@@ -20,7 +22,8 @@ PARTIAL = ".partial-"
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path to write; on success it replaces `path` (durably), on error it is removed."""
+    """Yield a temp path to write; on success it replaces `path` (durably), on error it is removed (a full disk:
+    DiskFull)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(path)
@@ -30,9 +33,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         fsync(tmp)
         os.replace(tmp, path)
         fsync(path.parent)
+    except Exception as err:
+        if no_space(err) and not isinstance(err, DiskFull):
+            _discard(tmp)  # first: the message gives the space left without it
+            raise DiskFull.at(path, "the file") from err
+        raise
     finally:
-        if tmp.exists() and tmp.is_file():
-            tmp.unlink()
+        _discard(tmp)
+
+
+def _discard(tmp: Path) -> None:
+    if tmp.exists() and tmp.is_file():
+        tmp.unlink()
 
 
 def write_text(path: str | StoragePath, text: str) -> StoragePath:

@@ -12,11 +12,12 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from oodlab import config as config_mod
-from oodlab.errors import StageFailed
+from oodlab.errors import DiskFull, StageFailed
+from oodlab.limits import MAX_IMAGE_SIDE, MAX_IMAGE_SIZE, MAX_THREADS
 from oodlab.report import FLOOR_NOTE, markdown, set_table
 from oodlab.storage import local_root
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     except (config_mod.ConfigError, FileNotFoundError, ValueError, ConnectionError) as err:
         print(f"oodlab: error: {err}", file=sys.stderr)
         return 2
-    except StageFailed as err:
+    except (StageFailed, DiskFull) as err:
         print(f"oodlab: error: {err}", file=sys.stderr)
         return 1
 
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 against the configured store")
     ui.add_argument("config", type=Path, nargs="?", default=CONFIGS / "demo.yaml")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=in_range(1, 65535), default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     ui.set_defaults(func=cmd_ui)
 
@@ -78,6 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_cluster_commands(sub)
     return parser
+
+
+def in_range(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number in low..high (argparse names the option and exits 2 otherwise)."""
+
+    def number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
+        return value
+
+    return number
 
 
 def _config_arguments(parser: argparse.ArgumentParser, example: str, restart_help: str) -> None:
@@ -238,7 +254,8 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     write.add_argument("source", type=Path, help="image folder, image list .txt, CIFAR folder, SVHN .mat or .npz")
     write.add_argument("out", type=Path, help="the .beton to write")
     write.add_argument("--ood", action="store_true", help="label every image -1 (an OOD set; flat folders allowed)")
-    write.add_argument("--square", type=int, metavar="SIZE", help="Resize + CenterCrop to SIZE (32: CIFAR OOD sets)")
+    write.add_argument("--square", type=in_range(8, MAX_IMAGE_SIZE), metavar="SIZE",
+                       help="Resize + CenterCrop to SIZE (32: CIFAR OOD sets)")
     write.add_argument("--split", choices=["train", "test"], help="CIFAR pickles: which split (default train)")
     _add_write_options(write)
     write.set_defaults(func=cmd_data_write)
@@ -246,7 +263,8 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     inspect = cmds.add_parser("inspect", help="fields, count, label histogram and image sizes of a .beton")
     inspect.add_argument("file", type=Path)
     inspect.add_argument("--verify", action="store_true", help="also decode every image through an FFCV Loader")
-    inspect.add_argument("--threads", type=int, default=1, help="decoding threads for --verify (default 1)")
+    inspect.add_argument("--threads", type=in_range(1, MAX_THREADS), default=1,
+                         help="decoding threads for --verify (default 1)")
     inspect.set_defaults(func=cmd_data_inspect)
 
     build = cmds.add_parser("build", aliases=["benchmark"], help="build every .beton of a benchmark (YAML or built-in)")
@@ -255,7 +273,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--root", type=Path, help="folder that relative source paths start from (default: the "
                        "YAML's folder; built-ins with relative paths need it)")
     build.add_argument("--force", action="store_true", help="rewrite files that are already current")
-    build.add_argument("--workers", type=int, default=1, help="writer processes (default 1)")
+    build.add_argument("--workers", type=in_range(1, MAX_THREADS), default=1, help="writer processes (default 1)")
     build.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed in the manifest)")
     build.set_defaults(func=cmd_data_build)
 
@@ -263,10 +281,11 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
 def _add_write_options(parser: argparse.ArgumentParser) -> None:
     """FFCV RGBImageField options as in the ffcv-imagenet recipe; unset ones keep the default of the command."""
     parser.add_argument("--write-mode", choices=["raw", "jpg", "smart", "proportion"])
-    parser.add_argument("--max-resolution", type=int, help="shrink images so the longest side is at most this")
-    parser.add_argument("--jpeg-quality", type=int, help="JPEG quality 1..100 (default 90)")
+    parser.add_argument("--max-resolution", type=in_range(8, MAX_IMAGE_SIDE),
+                        help="shrink images so the longest side is at most this")
+    parser.add_argument("--jpeg-quality", type=in_range(1, 100), help="JPEG quality 1..100 (default 90)")
     parser.add_argument("--compress-probability", type=float, help="write-mode proportion: fraction stored as JPEG")
-    parser.add_argument("--workers", type=int, default=1, help="writer processes (default 1)")
+    parser.add_argument("--workers", type=in_range(1, MAX_THREADS), default=1, help="writer processes (default 1)")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed in the manifest)")
 
 
@@ -281,13 +300,13 @@ def _image_options(args: argparse.Namespace, base):
 def cmd_data_write(args: argparse.Namespace) -> int:
     import time
 
-    from oodlab.datapipes import beton
     from oodlab.datapipes.sources import open_source
     from oodlab.datapipes.views import SquareSource
 
     source = open_source(args.source, ood=args.ood, **({"split": args.split} if args.split else {}))
     source = SquareSource(source, args.square) if args.square else source
     print(source.describe(), flush=True)
+    from oodlab.datapipes import beton  # FFCV: seconds to import, once the source is known to be good
     start = time.perf_counter()
     beton.write(source, args.out, _image_options(args, beton.ImageOptions()), args.workers, skip_bad=args.skip_bad)
     seconds = time.perf_counter() - start
@@ -306,9 +325,10 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def cmd_data_build(args: argparse.Namespace) -> int:
     from oodlab.datapipes.benchmarks import get_benchmark
-    from oodlab.datapipes.build import build
 
     bench = get_benchmark(args.benchmark)
+    from oodlab.datapipes.build import build  # FFCV: seconds to import, once the YAML is known to be good
+
     written = build(bench, args.out, args.root, args.workers, args.skip_bad, args.force, log=print)
     print(f"{len(written)} file(s) written under {args.out / bench.name}")
     return 0
@@ -344,7 +364,7 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     import tempfile
 
-    from oodlab.distributed import submit
+    from oodlab.distributed import cluster_python, submit
     from oodlab.distributed.tracking import redact
 
     address = submit.resolve_address(args.address)
@@ -355,6 +375,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         sweep.check(job.cfg)
     with tempfile.TemporaryDirectory(prefix="oodlab-submit-") as tmp:
         package = submit.package(job, "tune" if args.tune else "train", Path(tmp))
+        if _job_server(lambda: cluster_python.check(address)) is None:  # (its ClusterPythonError: exit 2)
+            return 1
         job_id = _job_server(lambda: submit.submit(address, package))
     if job_id is None:
         return 1
@@ -369,12 +391,13 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     from datetime import datetime
 
     from oodlab.distributed import submit
+    from oodlab.distributed.cluster_python import is_check
 
     jobs = _job_server(lambda: submit.list_jobs(submit.resolve_address(args.address)))
     if jobs is None:
         return 1
     rows = [[j.submission_id or j.job_id, str(j.status), datetime.fromtimestamp(j.start_time / 1000).strftime("%Y-%m-%d %H:%M")
-             if j.start_time else "-", j.entrypoint] for j in jobs]
+             if j.start_time else "-", j.entrypoint] for j in jobs if not is_check(j)]  # (submit's check of the python)
     print(markdown(["job", "status", "started", "command"], rows) if rows else "no jobs")
     return 0
 

@@ -11,6 +11,10 @@ stage measures the forgetting threshold; an `eval` stage scores a checkpoint wit
 Configs mean what they say: a `mask` without `forget` is refused unless `mask.plain_edge_popup` says so; a
 stage that uses an estimate's threshold starts from the checkpoint the estimate measured; an epoch count
 searched under ASHA needs the stage's `schedule_epochs` (one cosine schedule for every trial).
+
+Hostile input is refused in moments: YAML through `oodlab.bounded_yaml`, every size and count bounded
+(`oodlab.limits`), floats finite. timm and torch (seconds to import) are imported by the two checks that need them
+(model.name, the eval scores), so a document refused before those is refused without them.
 """
 
 from __future__ import annotations
@@ -21,19 +25,29 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args
 
-import yaml
 from pydantic import (BaseModel, Field, PlainSerializer, PlainValidator, ValidationError, create_model, field_validator,
                       model_validator)
 
+from oodlab import bounded_yaml
+from oodlab.limits import (MAX_BATCH, MAX_CLASSES, MAX_CPUS, MAX_EPOCHS, MAX_FAILURES, MAX_KNN_BANK, MAX_NAME,
+                           MAX_SAMPLES, MAX_SEED, MAX_THREADS, MAX_TRIALS, MAX_WORKERS, bank_cost, batch_cost, count)
 from oodlab.methods import registered
-from oodlab.models import check_model_name
-from oodlab.scores import available_scores, validate_scores
 from oodlab.section import Section
 from oodlab.storage import StoragePath, is_uri, location
 
-PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
+# Sizes and counts, each bounded (oodlab.limits: the message says what a value over the bound would take)
+Epochs = count(MAX_EPOCHS, "epochs")
+ZeroOrMoreEpochs = count(MAX_EPOCHS, "epochs", low=0)
+BatchSize = count(MAX_BATCH, "images per batch", batch_cost)
+Threads = count(MAX_THREADS, "loader threads")
+Classes = count(MAX_CLASSES, "classes")
+BankSize = count(MAX_KNN_BANK, "kNN bank features", bank_cost)
+Workers = count(MAX_WORKERS, "Ray Train workers")
+Retries = count(MAX_FAILURES, "retries", low=0)
+Trials = count(MAX_TRIALS, "trials")
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=MAX_NAME)]  # it names folders
 
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -46,14 +60,14 @@ class ConfigError(ValueError):
 class DataConfig(Section):
     benchmark: str = "fmnist-demo"  # a built-in benchmark's name or the path of a benchmark YAML
     root: Path = Path(".oodlab/data")  # where the benchmark's .beton files are (the demo writes them here)
-    batch_size: PositiveInt = 128  # global: split evenly over the Ray workers
-    eval_batch_size: PositiveInt = 256  # global
-    loader_threads: PositiveInt = 1  # FFCV threads per Ray worker; at most the worker's CPUs
+    batch_size: BatchSize = 128  # global: split evenly over the Ray workers
+    eval_batch_size: BatchSize = 256  # global
+    loader_threads: Threads = 1  # FFCV threads per Ray worker; at most the worker's CPUs
     os_cache: bool = True  # FFCV: read through the OS page cache (True) or its own process cache
     order: Literal["random", "quasi_random"] = "random"  # train order; quasi_random is single-process only
     # train on a fixed subset of id_train: this many samples, the first of a permutation seeded 0 (the same for every
     # seed); the estimate stage and the kNN / Mahalanobis bank use the same subset. None: all of id_train
-    train_limit: PositiveInt | None = None
+    train_limit: count(MAX_SAMPLES, "samples") | None = None
 
 
 class ModelConfig(Section):
@@ -66,6 +80,8 @@ class ModelConfig(Section):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
+        from oodlab.models import check_model_name  # (timm: see the module docstring)
+
         check_model_name(name)
         return name
 
@@ -76,13 +92,13 @@ class TrainStageBase(Section):
 
     kind: Literal["train"] = "train"
     init: str | None = None  # None: from scratch; an earlier stage's name; or a checkpoint (file or directory)
-    epochs: PositiveInt = 10
-    schedule_epochs: PositiveInt | None = None  # the cosine schedule spans this many epochs (default: epochs)
+    epochs: Epochs = 10
+    schedule_epochs: Epochs | None = None  # the cosine schedule spans this many epochs (default: epochs)
     lr: PositiveFloat = 0.1
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     nesterov: bool = True
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
-    eval_every: PositiveInt = 1  # evaluate OOD metrics every k epochs (and always after the last)
+    eval_every: Epochs = 1  # evaluate OOD metrics every k epochs (and always after the last)
 
     @model_validator(mode="after")
     def _consistent_methods(self) -> TrainStageBase:
@@ -124,7 +140,7 @@ class EvalConfig(Section):
     final_scores: list[str] = ["msp", "maxlogit", "energy", "gen", "odin", "react", "ash", "scale", "knn", "nnguide",
                                "fdbd", "vim", "mahalanobis", "featnorm"]
     params: dict[str, dict[str, Any]] = {}  # per-score parameters, e.g. {odin: {temperature: 1000}}
-    knn_bank_size: PositiveInt = 50_000  # ID-train features kept for the scores fitted on them (evenly subsampled)
+    knn_bank_size: BankSize = 50_000  # ID-train features kept for the scores fitted on them (evenly subsampled)
     select: str = "energy"  # the score whose OOD-validation fpr95 marks the best epoch (must be in scores)
     # the best epoch is chosen among those whose ID validation accuracy is within this many points of the best
     best_epoch_max_acc_drop: Annotated[float, Field(ge=0)] = 5.0
@@ -132,6 +148,8 @@ class EvalConfig(Section):
     @field_validator("scores", "final_scores", "params")
     @classmethod
     def _known_scores(cls, value: list[str] | dict[str, Any]) -> list[str] | dict[str, Any]:
+        from oodlab.scores import available_scores, validate_scores  # (torch: see the module docstring)
+
         unknown = [name for name in value if name not in available_scores()]
         if unknown:
             raise ValueError(f"unknown score(s) {unknown}; available: {', '.join(available_scores())}")
@@ -148,8 +166,8 @@ class EvalConfig(Section):
 
 class RayConfig(Section):
     address: str | None = None  # None: a local Ray instance; "auto" or "ray://host:10001" for a cluster
-    num_workers: PositiveInt = 2
-    cpus_per_worker: PositiveFloat = 1.0
+    num_workers: Workers = 2
+    cpus_per_worker: Annotated[float, Field(gt=0, le=MAX_CPUS)] = 1.0
     use_gpu: bool = False  # NCCL + one GPU per worker (gloo on CPU)
     amp: bool = False  # bf16 autocast on GPU
     # checkpoints, pipeline and sweep state, Ray's run state: a local folder (shared storage on a cluster) or a
@@ -159,7 +177,7 @@ class RayConfig(Section):
     # worker-group restarts from the last checkpoint after a worker error. 1 survives one crash (a worker killed
     # by the OOM killer or a signal) while a bug costs one retry; node preemptions are retried without limit by
     # Ray (FailureConfig.max_preemption_failures), and a NaN loss is never retried
-    max_failures: Annotated[int, Field(ge=0)] = 1
+    max_failures: Retries = 1
     # custom resources each worker also asks for, e.g. {train_slot: 1} with one train_slot per node puts one
     # worker on each node (CPUs and GPUs come from cpus_per_worker and use_gpu)
     resources_per_worker: dict[str, PositiveFloat] = {}
@@ -189,7 +207,7 @@ class MlflowConfig(Section):
 
 
 class CheckpointConfig(Section):
-    keep_last: PositiveInt | None = None  # None keeps every epoch's checkpoint (the per-epoch OOD curve)
+    keep_last: Epochs | None = None  # None keeps every epoch's checkpoint (the per-epoch OOD curve)
 
 
 class Dist(Section):
@@ -212,6 +230,8 @@ class Dist(Section):
             raise ValueError("low: loguniform needs low > 0")
         elif self.dist == "randint" and not (self.low.is_integer() and self.high.is_integer()):
             raise ValueError("randint: low and high must be whole numbers")
+        elif self.dist == "randint" and max(abs(self.low), abs(self.high)) > 2**53:
+            raise ValueError("randint: low and high must lie within +-2^53 (whole numbers a float holds exactly)")
         return self
 
     def upper(self) -> float | None:
@@ -229,7 +249,7 @@ class SearchConfig(Section):
     """
 
     space: dict[str, Dist]  # override path (e.g. stages.um.forget.threshold) -> distribution
-    num_samples: PositiveInt = 4
+    num_samples: Trials = 4
     searcher: Literal["random", "optuna"] = "random"  # random also expands grid dimensions; optuna (TPE) takes none
     scheduler: Literal["asha", "fifo"] = "asha"
     metric: str = "ood/energy/val/fpr95"
@@ -258,15 +278,15 @@ class SearchConfig(Section):
 
 
 class Config(Section):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] = "run"
-    seed: int = 0
+    name: Name = "run"
+    seed: Annotated[int, Field(ge=-MAX_SEED, le=MAX_SEED)] = 0
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     eval: EvalConfig = EvalConfig()
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)  # read at load time: $MLFLOW_TRACKING_URI
     checkpoint: CheckpointConfig = CheckpointConfig()
-    stages: dict[str, Stage] = {"train": TrainStage()}
+    stages: dict[Name, Stage] = {"train": TrainStage()}  # a stage's name names its checkpoint folders
     search: SearchConfig | None = None
 
     @field_validator("stages", mode="before")
@@ -360,7 +380,7 @@ def _check_asha_epochs(space: dict[str, Dist], stages: dict[str, TrainStage]) ->
             raise ValueError(
                 f"search.space.{key}: searching an epoch count under search.scheduler: asha compares trials at "
                 "epochs 1, 2, 4, ... while each trial's cosine schedule spans its own epochs (a short trial reaches "
-                f"a rung at a lower learning rate); set stages.{parts[1]}.schedule_epochs: {int(most)} (the space's "
+                f"a rung at a lower learning rate); set stages.{parts[1]}.schedule_epochs: {most:.0f} (the space's "
                 f"maximum; now {schedule}) so every trial follows one schedule and stops at its own epochs, "
                 "or use search.scheduler: fifo"
             )
@@ -395,7 +415,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
             node = child
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = bounded_yaml.parse(value, f"override '{key}'")
+        except bounded_yaml.YamlError as err:
+            raise ConfigError(str(err)) from None
     return raw
 
 
@@ -412,9 +435,9 @@ def read(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err}); fix the line it names") from None
+            raw = bounded_yaml.read(path) or {}
+        except bounded_yaml.YamlError as err:
+            raise ConfigError(str(err)) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, stages, ...)")
     return apply_overrides(raw, overrides or [])
@@ -429,9 +452,17 @@ def validate(raw: dict[str, Any], base: Path) -> Config:
     return _resolve_paths(cfg, base)
 
 
+LISTED_ERRORS = 20  # a document with more problems lists these many (the first, in document order)
+SHOWN_INPUT = 80  # characters of a bad value quoted in its error line
+
+
 def describe_errors(err: ValidationError, root: type[BaseModel]) -> str:
     """pydantic's errors for a document of type `root`, one readable line each (field path, problem, fix)."""
-    return "\n".join(_describe(e, root) for e in err.errors())
+    errors = err.errors()
+    lines = [_describe(e, root) for e in errors[:LISTED_ERRORS]]
+    if len(errors) > LISTED_ERRORS:
+        lines.append(f"  ... and {len(errors) - LISTED_ERRORS} more problems of the same document")
+    return "\n".join(lines)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -488,8 +519,17 @@ def _describe(error: dict[str, Any], root: type[BaseModel]) -> str:
     if sep and where != "config" and re.fullmatch(r"[A-Za-z_][\w.]*", field):  # a section's check naming its field
         where, msg = f"{where}.{field}", rest
     got = error.get("input")
-    shown = "" if isinstance(got, (dict, list)) and error["type"] == "value_error" else f" (got {got!r})"
+    shown = "" if isinstance(got, (dict, list)) and error["type"] == "value_error" else f" (got {_short(got)})"
     return f"  {msg}" if where == "config" else f"  {where}: {msg}{shown}"
+
+
+def _short(value: Any) -> str:
+    """repr(value), cut to SHOWN_INPUT characters."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than 4300 digits, or a container holding one
+        return "a number too long to print"
+    return text if len(text) <= SHOWN_INPUT else f"{text[:SHOWN_INPUT]}... ({len(text):,} characters)"
 
 
 def _section_at(model: type[BaseModel], path: list[Any]) -> type[BaseModel]:

@@ -4,9 +4,10 @@
 its metrics equal the same run on one node, also when the node of one of the two workers is lost mid-stage (all
 its processes SIGKILLed) and another node joins; `oodlab jobs list | logs | stop`; a bad config is refused before
 any network; Ray's upload limit; every worker checks the data root on its node. The cluster runs in its own process
-group, apart from the session's local Ray that this process is connected to. The one-node reference run trains on
-that local Ray before the cluster starts: Ray Train's placement-group cleaner asks the newest Ray instance on the
-machine whether its controller lives (see local_ray_cluster.py), and would tear down a run on the older one.
+group, apart from the session's local Ray that this process is connected to. The one-node reference run (conftest's
+`one_node_run`) trains on that local Ray before the cluster starts: Ray Train's placement-group cleaner asks the
+newest Ray instance on the machine whether its controller lives (see local_ray_cluster.py), and would tear down a
+run on the older one.
 """
 
 from __future__ import annotations
@@ -25,16 +26,13 @@ import ray
 import requests
 import yaml
 from conftest import tiny_raw
-from drills import after_first_checkpoint, recovery_seconds
-from mlflow.tracking import MlflowClient
+from drills import after_first_checkpoint, learned, recovery_seconds, stage_run
 from ray._private.runtime_env import packaging
 from servers import RayCluster, local_ray_cluster, oodlab
 
 from oodlab import config
 from oodlab.cli import main
-from oodlab.datapipes.benchmarks import BUILTIN_DIR
-from oodlab.distributed import pipeline
-from oodlab.distributed.worker import RESUMED, check_data_root
+from oodlab.distributed.worker import check_data_root
 
 TOKEN = secrets.token_hex(16)  # the cluster's Ray auth token
 MLFLOW_PASSWORD = f"pw-{secrets.token_hex(8)}"  # travels to the job; must never be printed
@@ -53,27 +51,6 @@ class LocalCluster:
         response = requests.get(url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
         response.raise_for_status()
         return response.json()["logs"] if what == "logs" else response.json()
-
-
-@pytest.fixture(scope="module")
-def unaugmented(tmp_path_factory) -> Path:
-    """The digits benchmark without train-time augmentation: FFCV's random flips and crops are not seeded, the
-    rest of a run is (data order, initialisation, DDP's sums), so two runs of it give the same numbers."""
-    spec = yaml.safe_load((BUILTIN_DIR / "digits.yaml").read_text()) | {"augment": "none"}
-    path = tmp_path_factory.mktemp("benchmark") / "digits-unaugmented.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-@pytest.fixture(scope="module")
-def one_node_run(tmp_path_factory, demo_root, unaugmented, ray_cluster):
-    """The reference: the two-node test's config (less its custom resource) on the session's one-node Ray."""
-    tmp = tmp_path_factory.mktemp("one-node")
-    raw = tiny_raw(tmp, demo_root) | {"name": "one-node"}
-    raw["data"]["benchmark"] = str(unaugmented)
-    cfg = config.validate(raw, tmp)
-    pipeline.run(cfg)
-    return stage_run(cfg.mlflow.tracking_uri, "one-node")[1]
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +73,6 @@ def write_config(tmp: Path, data_root: Path, name: str, benchmark: Path | None =
 
 def submitted_id(out: str) -> str:
     return re.search(r"submitted job (\S+) to", out).group(1)
-
-
-def stage_run(tracking_uri: str, pipeline_name: str):
-    client = MlflowClient(tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id],
-                              filter_string=f"tags.`oodlab.pipeline` = '{pipeline_name}'")
-    assert len(runs) == 1, [r.info.run_name for r in runs]
-    return client, runs[0]
 
 
 def test_submit_follow_trains_one_model_with_a_worker_on_each_node(one_node_run, cluster, demo_root, unaugmented,
@@ -136,12 +105,6 @@ def test_submit_follow_trains_one_model_with_a_worker_on_each_node(one_node_run,
     assert len(set(one_node_run.data.tags["ray.node_ids"].split(","))) == 1
     measured, expected = learned(stage.data.metrics), learned(one_node_run.data.metrics)
     assert len(expected) > 50 and measured == pytest.approx(expected, rel=1e-5, abs=1e-6)
-
-
-def learned(metrics: dict[str, float]) -> dict[str, float]:
-    """A run's training and evaluation numbers, without its timings, machine readings and resume marks."""
-    return {k: v for k, v in metrics.items()
-            if not k.startswith("system/") and not k.endswith("_seconds") and k != RESUMED}
 
 
 def test_jobs_list_logs_and_stop(cluster, demo_root, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,24 @@ def test_a_changed_config_is_named_key_by_key_and_placement_keys_may_change():
             config.check_unchanged("pipeline", "demo", now, saved)
     config.check_unchanged("pipeline", "demo", config.flatten(config.to_dict(load_demo("ray.address=ray://head:10001"))),
                            then)
+
+
+def test_yaml_anchors_load_within_the_budget_and_alias_bombs_do_not(tmp_path):
+    """Anchors that share settings between stages are fine; a document that expands past the node budget, nests
+    past the depth limit or repeats itself is refused, naming the file, before anything is built."""
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("stages:\n  a: &common {epochs: 3, lr: 0.05}\n  b: *common\n"
+                      "eval: {scores: &s [msp, energy], final_scores: *s}\n")
+    cfg = config.load(shared)
+    assert cfg.stages["b"].epochs == 3 and cfg.eval.final_scores == ["msp", "energy"]
+
+    levels = ["l0: &l0 [" + ", ".join(["x"] * 10) + "]"]
+    levels += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 6)]  # 10^6 values
+    for text, says in [("\n".join(levels), "more than 100,000 values"), ("a: " + "[" * 65 + "]" * 65, "nested more than 64"),
+                       ("a: &x [1, *x]", "alias *x (line 1) repeats a value that contains it"),
+                       ("a: *nothing", "alias *nothing (line 1) names no anchor defined before it")]:
+        shared.write_text(text)
+        with pytest.raises(config.ConfigError, match=f"^{re.escape(str(shared))}: .*{re.escape(says)}"):
+            config.load(shared)
+    with pytest.raises(config.ConfigError, match="override 'stages.a.lr': more than 100,000 values"):
+        config.read(None, ["stages.a.lr=" + "[" + "&a [" + ",".join("0" * 500) + "], " + ", ".join(["*a"] * 300) + "]"])

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 import yaml
 from conftest import tiny_raw
-from drills import after_first_checkpoint, recovery_seconds
+from drills import EPOCHS, after_first_checkpoint, assert_same_as_reference, recovery_seconds
 from mlflow.tracking import MlflowClient
 from servers import LOOPBACK_RAY
 
@@ -32,7 +31,6 @@ from oodlab.distributed import checkpoint, pipeline
 from oodlab.distributed.pipeline import PipelineState
 from oodlab.distributed.worker import RESUMED
 
-EPOCHS = 2
 
 
 def raw_config(tmp: Path, data_root: Path) -> dict:
@@ -40,30 +38,6 @@ def raw_config(tmp: Path, data_root: Path) -> dict:
     raw = tiny_raw(tmp, data_root)
     assert raw["stages"]["train"]["epochs"] == EPOCHS
     return raw
-
-
-def final(cfg: config.Config) -> tuple[dict[str, torch.Tensor], dict[str, float], str]:
-    """The stage's last weights, its final metrics (wall times left out) and its MLflow run id."""
-    record = PipelineState.load(pipeline.state_path(cfg)).stages["train"]
-    weights = checkpoint.load(checkpoint.model_file(record.checkpoint))
-    return weights, {k: v for k, v in record.metrics.items() if "seconds" not in k}, record.run_id
-
-
-def assert_same_as_reference(cfg: config.Config, reference: config.Config) -> str:
-    """Same weights and metrics as the reference run, each epoch logged once, runs FINISHED; the stage run id."""
-    weights, metrics, run_id = final(cfg)
-    ref_weights, ref_metrics, _ = final(reference)
-    assert weights.keys() == ref_weights.keys()
-    for key, value in weights.items():
-        torch.testing.assert_close(value, ref_weights[key], rtol=0, atol=1e-6, msg=key)
-    assert metrics.keys() == ref_metrics.keys()
-    assert metrics == pytest.approx(ref_metrics, rel=0, abs=1e-6)
-    client = MlflowClient(cfg.mlflow.tracking_uri)
-    for key in ("train/loss", "id_acc", "ood/energy/all/auroc"):
-        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(EPOCHS)), key
-    parent = PipelineState.load(pipeline.state_path(cfg)).parent_run_id
-    assert {client.get_run(r).info.status for r in (run_id, parent)} == {"FINISHED"}
-    return run_id
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """MLflow lost mid-run: a real `mlflow server` (sqlite store in a temp folder) that the tests stop with SIGTERM and
-start again on the same port and store. What the server could not take waits in the run's buffer on disk and
-reaches it once, in order, when it returns; if it never does during a training run, `oodlab mlflow-upload` sends it.
+start again on the same port and store, or that answers server errors (500, then 503) for a while through a proxy.
+What the server could not take waits in the run's buffer on disk and reaches it once, in order, when it returns;
+if it never does during a training run, `oodlab mlflow-upload` sends it.
 """
 
 from __future__ import annotations
@@ -10,15 +11,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import tiny_raw
+from drills import after_first_checkpoint
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from servers import free_port, oodlab, stop, wait_for_http
+from servers import ErrorProxy, free_port, oodlab, stop, wait_for_http
 
 from oodlab import config
 from oodlab.cli import main
@@ -164,3 +167,53 @@ def test_training_goes_on_without_the_server_and_one_command_uploads_the_rest(se
     assert len(models) == 1
 
     assert main(["mlflow-upload", str(path)]) == 0 and "nothing to upload" in capsys.readouterr().out
+
+
+def metric_points(tracking_uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every (step, value) a run logged, per metric, in step order; machine readings (system/) left out."""
+    client = MlflowClient(tracking_uri)
+    keys = [k for k in client.get_run(run_id).data.metrics if not k.startswith("system/")]
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
+
+
+def test_a_server_answering_500_then_503_mid_run_loses_and_duplicates_no_metric_point(server, tiny_run, demo_root,
+                                                                                       tmp_path):
+    """After epoch 1's metrics, the proxy answers 500 to 4 API requests (all of MLflow's tries of one call; /health
+    stays up, as when the server's store fails), then 503 to 3 requests, /health included (a gateway that lost
+    the server). The run buffers what failed, replays it, and logs every metric point of the session's tiny run
+    exactly once. MLflow's system-metrics monitor is spared: its samples are not records (they are dropped, not
+    buffered), and its retries would take the errors meant for the run's records."""
+    proxy = ErrorProxy(server.url)
+    raw = tiny_raw(tmp_path, demo_root) | {"name": "errors", "mlflow": {"tracking_uri": proxy.url, "experiment": "errors"}}
+    cfg = config.validate(raw, tmp_path)
+
+    def arm() -> None:
+        after_first_checkpoint(cfg)
+        proxy.fail([(500, 4), (503, 3)], spare=lambda method, path, body: path.endswith("/runs/get")
+                   or b'"system/' in body)
+
+    armed = threading.Thread(target=arm, daemon=True)
+    armed.start()
+    try:
+        state = pipeline.run(cfg)
+        armed.join()
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    refused = {status: sum(n for (s, _, _), n in proxy.answered.items() if s == status) for status in (500, 503)}
+    assert not proxy.phases and refused == {500: 4, 503: 3}, proxy.answered
+    assert tracking.buffered(cfg) == {}
+    client = MlflowClient(server.url)
+    record, reference = state.stages["train"], tiny_run[2]
+    assert {client.get_run(r).info.status for r in (record.run_id, state.parent_run_id)} == {"FINISHED"}
+    ref_uri = tiny_run[1].mlflow.tracking_uri
+    for run_id, ref_id in [(record.run_id, reference.stages["train"].run_id), (state.parent_run_id, reference.parent_run_id)]:
+        points, expected = metric_points(server.url, run_id), metric_points(ref_uri, ref_id)
+        assert points.keys() == expected.keys()
+        for key, logged in points.items():
+            assert [step for step, _ in logged] == [step for step, _ in expected[key]], key  # each step once
+            if not key.endswith("_seconds"):
+                assert [v for _, v in logged] == pytest.approx([v for _, v in expected[key]], abs=1e-6), key
+    stage_points = sum(map(len, metric_points(server.url, record.run_id).values()))
+    print(f"\nMLflow errors answered mid-run: {dict(proxy.answered)}; all {stage_points} metric points of the stage "
+          "run there, each once")

@@ -7,40 +7,11 @@ would for a real bucket; `oodlab train` passes them to Ray's workers, which writ
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_raw
-from servers import free_port, oodlab, stop, wait_for_http
-
-BUCKET = "oodlab-test"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server with one bucket; this process's environment points pyarrow at it while the module runs."""
-    import boto3
-
-    port = free_port()
-    logs = tmp_path_factory.mktemp("moto") / "server.log"
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=logs.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "oodlab",
-           "AWS_SECRET_ACCESS_KEY": "not-a-secret", "AWS_DEFAULT_REGION": "us-east-1",
-           "OODLAB_LOCAL_DIR": str(tmp_path_factory.mktemp("local"))}
-    before = {k: os.environ.get(k) for k in env}
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/moto-api/", server, "moto_server", timeout_s=60)
-        os.environ.update(env)
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        yield env
-    finally:
-        for k, v in before.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        stop(server)
+from conftest import BUCKET, tiny_raw
+from servers import oodlab
 
 
 def objects(prefix: str) -> list[str]:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field
 
+from oodlab.limits import MAX_CLASSES, MAX_EPOCHS, count
 from oodlab.methods.base import ADD, Method, Stats, Step, register_method
 from oodlab.section import Section
 
@@ -22,10 +23,10 @@ class BackgroundConfig(Section):
     select: Literal["lowest", "threshold", "topk"] = "lowest"
     ratio: Annotated[float, Field(gt=0, le=1)] = 0.5  # `lowest`: fraction of positions per image
     threshold: Annotated[float, Field(gt=0, lt=1)] = 0.01  # `threshold`: max softmax prob of the label
-    topk: Annotated[int, Field(gt=0)] = 1  # `topk`: label not among the top-k classes of the position
+    topk: count(MAX_CLASSES, "classes") = 1  # `topk`: label not among the top-k classes of the position
     norm: Literal["l2", "l2sq", "hinge"] = "l2"
     margin: Annotated[float, Field(ge=0)] = 0.0  # `hinge`
-    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    warmup_epochs: count(MAX_EPOCHS, "epochs", low=0) = 0
 
 
 @register_method
