@@ -52,7 +52,11 @@ def open_spec(spec: SourceSpec, base: Path | None, name: str, ood: bool) -> Imag
         return _limited(source, spec)
     path = resolve_path(spec, base)
     if path is not None:
-        if not path.exists():
+        try:
+            found = path.exists()
+        except OSError as err:  # a name too long for the file system, say
+            raise SourceError(f"cannot look up {path}: {err.strerror}") from None
+        if not found:
             raise SourceError(f"missing {path}")
         options = {k: v for k, v in (("split", spec.split), ("labels", spec.labels)) if v is not None}
         try:
