@@ -5,8 +5,14 @@ cluster, conftest's one-node run: its MLflow stage run)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -28,6 +34,23 @@ def after_first_checkpoint(cfg: config.Config, timeout_s: float = 300) -> float:
             return time.time()
         time.sleep(0.2)
     raise TimeoutError("the first epoch never reached MLflow")
+
+
+@contextmanager
+def worker_killed_after_first_checkpoint(cfg: config.Config) -> Iterator[list[float]]:
+    """While the block runs `cfg`'s pipeline, SIGKILL one Ray Train worker once epoch 1 is checkpointed; the block gets
+    the list the kill's time goes into."""
+    killed: list[float] = []
+
+    def kill_one_worker() -> None:
+        killed.append(after_first_checkpoint(cfg))
+        workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        os.kill(workers[-1].pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_one_worker, daemon=True)
+    killer.start()
+    yield killed
+    killer.join()
 
 
 def recovery_seconds(cfg: config.Config, run_id: str, killed_at: float) -> float:

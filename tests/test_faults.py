@@ -2,7 +2,8 @@
 
 The session's tiny run (2 epochs, 2 workers, digits data) is the reference. The same config then runs with one
 Ray Train worker SIGKILLed after the first checkpoint (Ray Train restarts the worker group), then with --restart,
-and with the `oodlab train` driver SIGKILLed after the first checkpoint, then the same command again. Each must
+and with the `oodlab train` driver SIGKILLed after the first checkpoint, then the same command again; and a run with
+outlier exposure (a second loader) against its own uninterrupted reference. Each must
 end with the reference's weights and metrics (to 1e-6), every epoch logged to MLflow exactly once and its runs
 FINISHED. The recovery time (kill -> the resumed stage training again: the timestamp of its
 `resumed_after_epoch` metric) is printed.
@@ -15,14 +16,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from conftest import tiny_raw
-from drills import EPOCHS, after_first_checkpoint, assert_same_as_reference, recovery_seconds
+from drills import (EPOCHS, after_first_checkpoint, assert_same_as_reference, final, recovery_seconds,
+                    worker_killed_after_first_checkpoint)
 from mlflow.tracking import MlflowClient
 from servers import LOOPBACK_RAY
 
@@ -48,17 +48,8 @@ def reference(tiny_run) -> config.Config:
 
 def test_sigkill_of_a_train_worker_resumes_exactly_and_restart_trains_anew(reference, demo_root, tmp_path):
     cfg = config.validate(raw_config(tmp_path, demo_root), tmp_path)
-    killed: list[float] = []
-
-    def kill_one_worker() -> None:
-        killed.append(after_first_checkpoint(cfg))
-        workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-        os.kill(workers[-1].pid, signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_one_worker, daemon=True)
-    killer.start()
-    pipeline.run(cfg)  # ray.max_failures defaults to 1
-    killer.join()
+    with worker_killed_after_first_checkpoint(cfg) as killed:
+        pipeline.run(cfg)  # ray.max_failures defaults to 1
     run_id = assert_same_as_reference(cfg, reference)
     print(f"\nworker SIGKILL: recovery {recovery_seconds(cfg, run_id, killed[0]):.1f} s (kill -> training again)")
 
@@ -67,6 +58,25 @@ def test_sigkill_of_a_train_worker_resumes_exactly_and_restart_trains_anew(refer
     assert new_run != run_id and not MlflowClient(cfg.mlflow.tracking_uri).get_metric_history(new_run, RESUMED)
     moved = list((cfg.ray.storage_path / cfg.name).glob("replaced-*"))
     assert len(moved) == 1 and {p.name for p in moved[0].iterdir()} == {"pipeline.json", checkpoint.run_dir(cfg).name}
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_sigkill_of_a_worker_during_outlier_exposure_resumes_exactly(demo_root, tmp_path):
+    """With `oe` each step also draws a batch from a second, sharded loader (the benchmark's outliers): a worker
+    killed after the first checkpoint still ends with the weights and metrics of an uninterrupted run."""
+    def oe_config(folder: Path) -> config.Config:
+        raw = raw_config(folder, demo_root)
+        raw["stages"]["train"]["oe"] = {"weight": 0.5}
+        return config.validate(raw, folder)
+
+    reference = oe_config(tmp_path / "reference")
+    pipeline.run(reference)
+    cfg = oe_config(tmp_path / "killed")
+    with worker_killed_after_first_checkpoint(cfg) as killed:
+        pipeline.run(cfg)
+    run_id = assert_same_as_reference(cfg, reference)
+    assert final(cfg)[1]["train/oe_term"] > 0
+    print(f"\nworker SIGKILL under OE: recovery {recovery_seconds(cfg, run_id, killed[0]):.1f} s")
 
 
 def test_sigkill_of_the_train_driver_then_rerun_resumes_exactly(reference, demo_root, tmp_path):
