@@ -83,7 +83,7 @@ CASES: list[tuple[str, Argv, str]] = [
                                             "--out", str(s.tmp), "--root", str(s.tmp)], "no/such"),
     ("benchmark YAML syntax", lambda s: ["data", "build", s.write("b.yaml", "name: [b\n"), "--out", str(s.tmp)], "b.yaml"),
     # data
-    ("no built files", lambda s: ["train", s.config, f"data.root={s.tmp / 'empty'}"], "is missing 7 file(s)"),
+    ("no built files", lambda s: ["train", s.config, f"data.root={s.tmp / 'empty'}"], "is missing 8 file(s)"),
     ("labels beyond num_classes", lambda s: ["train", s.config, f"data.benchmark={s.benchmark(num_classes=5)}"],
      "are outside [0, 5)"),
     ("images smaller than image_size", lambda s: ["train", s.config, f"data.benchmark={s.benchmark(image_size=64)}"],

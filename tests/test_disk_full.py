@@ -60,7 +60,7 @@ def half_written(folder: Path) -> list[Path]:
 
 
 def test_a_build_that_fills_the_disk_stops_naming_the_file_and_resumes_once_there_is_room(tmp_path, demo_root, capsys):
-    """40 MiB hold two of the digits benchmark's seven 16 MiB .beton files: the third stops the build."""
+    """40 MiB hold two of the digits benchmark's eight 16 MiB .beton files: the third stops the build."""
     bench = get_benchmark("digits")
     with small_disk(tmp_path / "disk", "40m") as disk:
         assert main(["data", "build", "digits", "--out", str(disk)]) == 1
@@ -68,15 +68,15 @@ def test_a_build_that_fills_the_disk_stops_naming_the_file_and_resumes_once_ther
         third = bench.path(disk, bench.splits[2])
         assert f"oodlab: error: no space left on the device for the file {third}: " in err and " free of 40.0 MiB" in err
         assert "Traceback" not in err
-        written = [s for s in bench.splits if bench.path(disk, s).exists()]
+        written = [s for s in bench.files if bench.path(disk, s).exists()]
         assert written == list(bench.splits[:2]) and not half_written(disk)
         stamps = {s: beton.read_manifest(bench.path(disk, s))["stamp"] for s in written}
 
         resize(disk, "160m")
         assert main(["data", "build", "digits", "--out", str(disk)]) == 0
         out = capsys.readouterr().out
-        assert all(f"{s}: current" in out for s in written) and f"{len(bench.splits) - 2} file(s) written" in out
-        for split in bench.splits:  # as the build that never ran out of space
+        assert all(f"{s}: current" in out for s in written) and f"{len(bench.files) - 2} file(s) written" in out
+        for split in bench.files:  # as the build that never ran out of space
             built, reference = beton.read_info(bench.path(disk, split)), beton.read_info(bench.path(demo_root, split))
             assert (built.count, built.label_counts, built.min_size, built.max_size) == \
                 (reference.count, reference.label_counts, reference.min_size, reference.max_size)
@@ -95,7 +95,7 @@ def test_a_checkpoint_that_does_not_fit_leaves_the_previous_one_and_nothing_else
             checkpoint.write(cfg, "train", 1, weights, {"epoch": 1, "metrics": {}}, {"model": weights})
         assert err.value.errno == 28
         assert [p.name for p in checkpoint.newest_first(cfg, "train")] == ["train_epoch_0000"] and not half_written(disk)
-        state, meta = checkpoint.newest_training_state(cfg, "train")
+        _, state, meta = checkpoint.newest_training_state(cfg, "train")
         assert meta["epoch"] == 0 and state["model"]["w"].equal(weights["w"])
 
 

@@ -122,12 +122,16 @@ def test_rerun_resumes_instead_of_retraining(trained):
 
 
 def test_eval_command_prints_every_score(trained, capsys):
-    path, _, state = trained
+    path, cfg, state = trained
     assert main(["eval", str(path), "--checkpoint", state.stages["train"].checkpoint,
                  "--scores", ",".join(ALL_SCORES)]) == 0
     table = capsys.readouterr().out.split("ID accuracy", 1)[1]
-    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]
-    assert rows[1:] == ALL_SCORES  # header row, then one row per score
+    head, *rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()
+                   if line.startswith("| ") and "---" not in line]
+    assert head == ["set", "group", "floor", *(f"{s} auroc" for s in ALL_SCORES), *(f"{s} fpr95" for s in ALL_SCORES)]
+    bench = get_benchmark(cfg.data.benchmark)
+    assert [r[0] for r in rows] == [*bench.groups["near"], "near", *bench.groups["far"], "far", "all", "val"]
+    assert all(len(r) == len(head) and all(c not in ("", "-") for c in r) for r in rows)  # every score on every set
     # The saved model reproduces what training logged for it (rank 0's BatchNorm statistics, fp32).
     evaluated = pipeline.PipelineState.load(state.path.parent.with_name("t-eval") / state.path.name).stages["eval"].metrics
     logged = state.stages["train"].metrics

@@ -23,7 +23,8 @@ from pathlib import Path
 import yaml
 from conftest import tiny_raw
 
-MAX_LINES = 15  # one stage: the log file line, stage start, epoch bar, evaluation, the results table
+MAX_LINES = 20  # one stage: the log file line, stage start, epoch bar, evaluation, the results table (its pixel
+# floor row, a line per group of sets, a note)
 RAY_INTERNALS = ("Reporting training result", "Started training worker group", "Controller actor state",
                  "TrainController", "RayTrainWorker", "Started a local Ray instance", "(pid=")
 

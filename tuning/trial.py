@@ -46,18 +46,29 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     cfg = trial_config(setup.raw, params, trial_id)
     tags = {"oodlab.kind": "trial", "oodlab.sweep": setup.raw["name"], "oodlab.trial": trial_id,
             "oodlab.sampled": " ".join(overrides(params))}
+    heard: set[int] = set()  # the tuned stage's epochs handed to Tune by this process
     group = setup.groups.acquire(trial_id)
     try:
-        pipeline.run(cfg, group=group, listen=functools.partial(report_to_tune, cfg),
-                     parent_run_id=setup.sweep_run_id, tags=tags)
+        state = pipeline.run(cfg, group=group, listen=functools.partial(report_to_tune, cfg, heard),
+                             parent_run_id=setup.sweep_run_id, tags=tags)
     except JobCancelled:  # Tune stopped the trial and the sweep took its group back: the trial is over
         return
+    name = tuned_stage(cfg)
+    last = cfg.stages[name].epochs - 1
+    if last not in heard:  # the sweep was interrupted after the last epoch's checkpoint, before Tune heard of it: the
+        # resumed stage trains nothing and hands no epoch over, so Tune hears the last epoch from the stage's metrics
+        tell_tune(cfg, pipeline.resolve_init(cfg, state, name), Epoch(last, state.stages[name].metrics))
 
 
-def report_to_tune(cfg: Config, job: Job, epoch: Epoch) -> None:
-    """pipeline.run's listener in a trial: each epoch of the tuned stage reaches Tune (validation view, objective)."""
-    if job.stage != tuned_stage(cfg):
-        return
-    reference = reference_accuracy(job.init) if cfg.search.max_id_acc_drop is not None else None
+def report_to_tune(cfg: Config, heard: set[int], job: Job, epoch: Epoch) -> None:
+    """pipeline.run's listener in a trial: each epoch of the tuned stage reaches Tune."""
+    if job.stage == tuned_stage(cfg):
+        heard.add(epoch.epoch)
+        tell_tune(cfg, job.init, epoch)
+
+
+def tell_tune(cfg: Config, init: str | None, epoch: Epoch) -> None:
+    """Report an epoch's validation view and objective to Tune (nothing for an epoch without OOD evaluation)."""
+    reference = reference_accuracy(init) if cfg.search.max_id_acc_drop is not None else None
     if (view := tune_result(epoch, cfg.search, reference)) is not None:
         tune.report(view)
