@@ -44,13 +44,22 @@ def worker_killed_after_first_checkpoint(cfg: config.Config) -> Iterator[list[fl
 
     def kill_one_worker() -> None:
         killed.append(after_first_checkpoint(cfg))
-        workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        # this test's Ray instance's workers: descendants of this process (not another Ray's on the machine)
+        workers = [p for p in psutil.Process().children(recursive=True) if "ray::RayTrainWorker" in command(p)]
         os.kill(workers[-1].pid, signal.SIGKILL)
 
     killer = threading.Thread(target=kill_one_worker, daemon=True)
     killer.start()
     yield killed
     killer.join()
+
+
+def command(process: psutil.Process) -> str:
+    """A process's command line ("" once it has exited)."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.NoSuchProcess:
+        return ""
 
 
 def recovery_seconds(cfg: config.Config, run_id: str, killed_at: float) -> float:
