@@ -29,10 +29,10 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BeforeValidator, Discriminator, Field, Tag, ValidationError, model_validator
 
 from oodlab import bounded_yaml
-from oodlab.config import Classes, Config, Name, Section, describe_errors
+from oodlab.config import Classes, Config, Name, Samples, Section, describe_errors
 from oodlab.datapipes import floor
 from oodlab.datapipes.glyphs import CANVAS, FONT_COLLECTIONS
-from oodlab.limits import (MAX_CLASSES, MAX_CROPS_BYTES, MAX_IMAGE_SIDE, MAX_IMAGE_SIZE, MAX_SAMPLES,
+from oodlab.limits import (MAX_CLASSES, MAX_CROPS_BYTES, MAX_IMAGE_SIDE, MAX_IMAGE_SIZE,
                            MAX_WORKER_BATCH_BYTES, batch_cost, count, human_bytes, image_bytes, image_cost)
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin_benchmarks"
@@ -45,7 +45,6 @@ FLOOR_FILE = "pixel_floor.json"  # oodlab.datapipes.floor
 
 Unit = Annotated[float, Field(gt=0, le=1)]
 Unit0 = Annotated[float, Field(ge=0, le=1)]
-Samples = count(MAX_SAMPLES, "samples")
 ImageSize = count(MAX_IMAGE_SIZE, "px", image_cost, low=8)
 StoredSide = count(MAX_IMAGE_SIDE, "px", image_cost, low=8)
 Label = Annotated[int, Field(ge=0, lt=MAX_CLASSES)]

@@ -47,6 +47,7 @@ BankSize = count(MAX_KNN_BANK, "kNN bank features", bank_cost)
 Workers = count(MAX_WORKERS, "Ray Train workers")
 Retries = count(MAX_FAILURES, "retries", low=0)
 Trials = count(MAX_TRIALS, "trials")
+Samples = count(MAX_SAMPLES, "samples")
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=MAX_NAME)]  # it names folders
 
 
@@ -67,7 +68,7 @@ class DataConfig(Section):
     order: Literal["random", "quasi_random"] = "random"  # train order; quasi_random is single-process only
     # train on a fixed subset of id_train: this many samples, the first of a permutation seeded 0 (the same for every
     # seed); the estimate stage and the kNN / Mahalanobis bank use the same subset. None: all of id_train
-    train_limit: count(MAX_SAMPLES, "samples") | None = None
+    train_limit: Samples | None = None
 
 
 class ModelConfig(Section):
